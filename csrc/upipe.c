@@ -1,0 +1,1273 @@
+/*
+ * upipe.c - the segment: creation and attachment, the actor table and its journal, chunk pools,
+ * the queue operations, waiting, and crash recovery.
+ *
+ * Facts this file depends on:
+ * - A chunk always has exactly one holder, named by chunk.owner: its class's free ring (FREE), a
+ *   published data-ring slot (QUEUED), or one attached process (its actor tag). Operations move a
+ *   chunk between holders; nothing ever copies a reference, so nothing needs a refcount and a dead
+ *   holder's chunks are exactly those whose owner is its tag.
+ * - Every claim of ring positions is preceded by a journal entry (struct upipe_rec) naming the
+ *   ring and positions, and the entry is cleared only after the slots are published / released.
+ *   So a claimed-but-unfinished slot always has a journal entry naming it, in a live or a dead
+ *   actor; recovery repairs it only when no live actor's entry names it.
+ * - A producer writes the slot, then stamp = pos (R2), then for a chunk owner = QUEUED/FREE, then
+ *   seq = pos + 1 (R0). A slot whose stamp is its position is complete, so recovery publishes it
+ *   (the put happened); otherwise it becomes a tombstone and the chunk stays with the dead actor.
+ */
+#define _GNU_SOURCE
+#include "upipe.h"
+
+#include "upipe_atomic.h"
+#include "upipe_futex.h"
+#include "upipe_layout.h"
+#include "upipe_ring.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define RECOVERY_SLICE_NS (100 * 1000 * 1000LL) /* a sleeper looks for dead peers this often */
+#define BUSY_RECOVER_NS (10 * 1000 * 1000LL)    /* a stuck non-blocking get checks this often */
+#define DEFAULT_SPIN_NS (20 * 1000LL)
+#define ATTACH_POLL_NS (1000 * 1000LL)
+
+struct upipe_handle {
+    uint8_t *base;
+    uint64_t size;
+    int fds[3]; /* memfd, efd_data, efd_space; owned by the handle */
+    struct upipe_header *hdr;
+    struct upipe_actor *actor;
+    uint32_t actor_index;
+    uint32_t tag;
+    _Atomic uint64_t recs_busy; /* which journal entries this process's threads are using */
+    _Atomic int refs;
+    _Atomic int64_t last_busy_recover_ns;
+    int64_t spin_ns;
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* small helpers                                                                              */
+
+static inline struct upipe_ring *ring_at(upipe_handle *h, uint32_t i)
+{
+    return (struct upipe_ring *)(h->base + h->hdr->ring_off[i]);
+}
+
+static inline struct upipe_chunk *chunk_hdr(upipe_handle *h, uint32_t c)
+{
+    return (struct upipe_chunk *)(h->base + h->hdr->chunks_off) + c;
+}
+
+static inline struct upipe_actor *actor_at(upipe_handle *h, uint32_t i)
+{
+    return (struct upipe_actor *)(h->base + h->hdr->actors_off) + i;
+}
+
+static inline uint32_t make_tag(uint32_t index, uint32_t gen)
+{
+    return (index + 1) | ((gen & 0xFFFFFFu) << 8);
+}
+
+static const struct upipe_class *class_of(upipe_handle *h, uint32_t c)
+{
+    for (uint32_t i = 0; i < h->hdr->nclasses; i++) {
+        const struct upipe_class *k = &h->hdr->classes[i];
+        if (c >= k->first_chunk && c < k->first_chunk + k->nchunks)
+            return k;
+    }
+    return NULL;
+}
+
+static uint64_t align_up(uint64_t v, uint64_t a)
+{
+    return (v + a - 1) / a * a;
+}
+
+static uint64_t pow2_at_least(uint64_t v)
+{
+    uint64_t p = 2;
+    while (p < v)
+        p <<= 1;
+    return p;
+}
+
+/* Journal entries: one per concurrently running operation of this process. */
+static struct upipe_rec *rec_get(upipe_handle *h, uint32_t op, uint32_t ring)
+{
+    for (;;) {
+        uint64_t busy = UPIPE_LOAD_RELAXED(&h->recs_busy);
+        if (~busy == 0) {
+            sched_yield(); /* 64 threads inside upipe at once: let one finish */
+            continue;
+        }
+        int i = __builtin_ctzll(~busy);
+        if (atomic_compare_exchange_weak_explicit(&h->recs_busy, &busy, busy | (1ULL << i),
+                                                  memory_order_acquire, memory_order_relaxed)) {
+            struct upipe_rec *rec = &h->actor->recs[i];
+            UPIPE_STORE_RELAXED(&rec->ring, ring);
+            UPIPE_STORE_RELAXED(&rec->n, 0);
+            UPIPE_STORE_RELAXED(&rec->op, op); /* visible to recovery through the claiming CAS */
+            return rec;
+        }
+    }
+}
+
+static void rec_put(upipe_handle *h, struct upipe_rec *rec)
+{
+    uint64_t bit = 1ULL << (uint64_t)(rec - h->actor->recs);
+    UPIPE_STORE_RELEASE(&rec->op, UPIPE_OP_NONE); /* after the publish / release it covers */
+    atomic_fetch_and_explicit(&h->recs_busy, ~bit, memory_order_release);
+}
+
+/*
+ * The waker's half of the doorbell. Callers have just published (release stores); F0 orders
+ * those before the waiter-count loads, pairing with the waiter's seq_cst increment followed by
+ * its seq_cst re-check (docs/futex.md, "lost wakeups"). No waiter, no syscall.
+ */
+static void ec_signal(upipe_handle *h, struct upipe_ec *ec, int n)
+{
+    UPIPE_FENCE_SEQCST(); /* F0 */
+    uint32_t sw = UPIPE_LOAD_RELAXED(&ec->sync_waiters);
+    uint32_t aw = UPIPE_LOAD_RELAXED(&ec->async_waiters);
+    if ((sw | aw) == 0)
+        return;
+    UPIPE_FETCH_ADD(&ec->seq, 1);
+    if (sw)
+        upipe_futex_wake(&ec->seq, n); /* n items or slots: wake that many, not the herd */
+    if (aw) {
+        uint64_t one = 1;
+        ssize_t w = write(h->fds[1 + ec->efd_index], &one, sizeof one);
+        (void)w; /* EAGAIN means the counter is already non-zero: the bell is ringing */
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* process liveness                                                                           */
+
+static int read_proc_stat(uint32_t pid, char *state, uint64_t *starttime)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%u/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return -EIO;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* comm may hold spaces and parens; the last ')' ends it */
+    if (!p || p[1] != ' ')
+        return -EIO;
+    p += 2;
+    *state = *p;
+    /* field 3 is the state; starttime is field 22 */
+    for (int field = 3; field < 22; field++) {
+        p = strchr(p, ' ');
+        if (!p)
+            return -EIO;
+        p++;
+    }
+    *starttime = strtoull(p, NULL, 10);
+    return 0;
+}
+
+uint64_t upipe_pid_starttime(uint32_t pid)
+{
+    char st;
+    uint64_t t = 0;
+    return read_proc_stat(pid, &st, &t) == 0 ? t : 0;
+}
+
+int upipe_pid_alive(uint32_t pid, uint64_t starttime)
+{
+    if (pid == 0)
+        return 0;
+    if (kill((pid_t)pid, 0) != 0 && errno == ESRCH)
+        return 0;
+    char st;
+    uint64_t t;
+    if (read_proc_stat(pid, &st, &t) != 0)
+        return 0;
+    if (st == 'Z' || st == 'X' || st == 'x')
+        return 0; /* killed but not yet reaped: it will never finish what it started */
+    if (starttime != 0 && t != starttime)
+        return 0; /* the pid now names another process */
+    return 1;
+}
+
+static int actor_alive(struct upipe_actor *a)
+{
+    uint32_t pid = UPIPE_LOAD_ACQUIRE(&a->pid);
+    return upipe_pid_alive(pid, UPIPE_LOAD_ACQUIRE(&a->starttime));
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* layout                                                                                     */
+
+struct plan {
+    uint64_t actors_off, chunks_off, ring_off[UPIPE_MAX_RINGS], data_off[UPIPE_MAX_CLASSES];
+    uint64_t free_cap[UPIPE_MAX_CLASSES];
+    uint64_t total;
+    uint32_t total_chunks;
+};
+
+static int make_plan(const struct upipe_config *cfg, struct plan *pl)
+{
+    if (!cfg || cfg->ndata_rings < 1 || cfg->ndata_rings > UPIPE_MAX_DATA_RINGS)
+        return -EINVAL;
+    if (cfg->nclasses > UPIPE_MAX_CLASSES)
+        return -EINVAL;
+    if (cfg->slot_size < 64 || cfg->slot_size > 65536 || cfg->slot_size % 8)
+        return -EINVAL;
+    if (cfg->capacity < 2 || cfg->capacity > (1ULL << 30) || (cfg->capacity & (cfg->capacity - 1)))
+        return -EINVAL;
+    uint64_t off = UPIPE_HEADER_SIZE;
+    pl->actors_off = off;
+    off = align_up(off + (uint64_t)UPIPE_MAX_ACTORS * sizeof(struct upipe_actor), 4096);
+    uint64_t total_chunks = 0;
+    for (uint32_t i = 0; i < cfg->nclasses; i++) {
+        if (cfg->chunk_size[i] < 64 || cfg->chunk_size[i] % 64 || cfg->nchunks[i] < 1)
+            return -EINVAL;
+        if (i > 0 && cfg->chunk_size[i] <= cfg->chunk_size[i - 1])
+            return -EINVAL;
+        if (cfg->chunk_size[i] > (1ULL << 32) - 1) /* a slot's len is 32-bit */
+            return -EINVAL;
+        total_chunks += cfg->nchunks[i];
+    }
+    if (total_chunks > (1ULL << 24))
+        return -EINVAL;
+    pl->total_chunks = (uint32_t)total_chunks;
+    pl->chunks_off = off;
+    off = align_up(off + total_chunks * sizeof(struct upipe_chunk), 4096);
+    for (uint32_t i = 0; i < cfg->ndata_rings; i++) {
+        pl->ring_off[i] = off;
+        off = align_up(off + upipe_ring_memsize(cfg->capacity, cfg->slot_size), 128);
+    }
+    for (uint32_t i = 0; i < cfg->nclasses; i++) {
+        /* Room for every chunk twice over: tombstones left by dead freers take slots too. */
+        pl->free_cap[i] = pow2_at_least(2ULL * cfg->nchunks[i]);
+        pl->ring_off[cfg->ndata_rings + i] = off;
+        off = align_up(off + upipe_ring_memsize(pl->free_cap[i], UPIPE_SLOT_HEADER), 128);
+    }
+    off = align_up(off, 4096);
+    for (uint32_t i = 0; i < cfg->nclasses; i++) {
+        pl->data_off[i] = off;
+        uint64_t bytes = cfg->chunk_size[i] * cfg->nchunks[i];
+        if (bytes / cfg->nchunks[i] != cfg->chunk_size[i])
+            return -EINVAL;
+        off = align_up(off + bytes, 4096);
+    }
+    pl->total = off;
+    return 0;
+}
+
+int upipe_abi_version(void)
+{
+    return UPIPE_ABI_VERSION;
+}
+
+int64_t upipe_segment_size(const struct upipe_config *cfg)
+{
+    struct plan pl;
+    int rc = make_plan(cfg, &pl);
+    return rc < 0 ? rc : (int64_t)pl.total;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* handles                                                                                    */
+
+static int attach_actor(upipe_handle *h)
+{
+    uint32_t me = (uint32_t)getpid();
+    uint64_t start = upipe_pid_starttime(me);
+    for (int attempt = 0; attempt < 2; attempt++) {
+        for (uint32_t i = 0; i < h->hdr->max_actors; i++) {
+            struct upipe_actor *a = actor_at(h, i);
+            uint32_t expected = 0;
+            if (!UPIPE_CAS(&a->pid, &expected, me))
+                continue;
+            uint32_t gen = UPIPE_FETCH_ADD(&a->gen, 1) + 1;
+            UPIPE_STORE_RELEASE(&a->starttime, start);
+            for (uint32_t r = 0; r < UPIPE_RECS_PER_ACTOR; r++)
+                UPIPE_STORE_RELAXED(&a->recs[r].op, UPIPE_OP_NONE);
+            h->actor = a;
+            h->actor_index = i;
+            h->tag = make_tag(i, gen);
+            return 0;
+        }
+        if (attempt == 0 && h->actor == NULL) {
+            /* Full. Entries of dead processes are freed by any attached process's recovery
+             * (sleepers run it every RECOVERY_SLICE_NS); give that a moment once. */
+            struct timespec ts = {0, 200 * 1000 * 1000L};
+            nanosleep(&ts, NULL);
+        }
+    }
+    return -EUSERS;
+}
+
+static upipe_handle *handle_new(uint8_t *base, uint64_t size)
+{
+    upipe_handle *h = calloc(1, sizeof *h);
+    if (!h)
+        return NULL;
+    h->base = base;
+    h->size = size;
+    h->hdr = (struct upipe_header *)base;
+    h->fds[0] = h->fds[1] = h->fds[2] = -1;
+    atomic_init(&h->refs, 1);
+    h->spin_ns = DEFAULT_SPIN_NS;
+    return h;
+}
+
+static void handle_destroy(upipe_handle *h)
+{
+    for (int i = 0; i < 3; i++)
+        if (h->fds[i] >= 0)
+            close(h->fds[i]);
+    if (h->base)
+        munmap(h->base, h->size);
+    free(h);
+}
+
+int upipe_create(const struct upipe_config *cfg, upipe_handle **out)
+{
+    struct plan pl;
+    int rc = make_plan(cfg, &pl);
+    if (rc < 0)
+        return rc;
+    int fd = memfd_create("upipe", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0)
+        return -errno;
+    if (ftruncate(fd, (off_t)pl.total) != 0) {
+        rc = -errno;
+        close(fd);
+        return rc;
+    }
+    /* Reserve every page now, so an over-budget segment fails here and never SIGBUSes later. */
+    rc = posix_fallocate(fd, 0, (off_t)pl.total);
+    if (rc != 0 && rc != EOPNOTSUPP) {
+        close(fd);
+        return -rc;
+    }
+    /* Nobody may resize it under the other processes' mappings. */
+    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+    void *base = mmap(NULL, pl.total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (base == MAP_FAILED) {
+        rc = -errno;
+        close(fd);
+        return rc;
+    }
+    upipe_handle *h = handle_new(base, pl.total);
+    if (!h) {
+        munmap(base, pl.total);
+        close(fd);
+        return -ENOMEM;
+    }
+    h->fds[0] = fd;
+    h->fds[1] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    h->fds[2] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (h->fds[1] < 0 || h->fds[2] < 0) {
+        rc = -errno;
+        handle_destroy(h);
+        return rc;
+    }
+
+    struct upipe_header *hdr = h->hdr;
+    UPIPE_STORE_RELAXED(&hdr->state, UPIPE_STATE_INITIALIZING);
+    hdr->magic = UPIPE_MAGIC;
+    hdr->layout_version = UPIPE_LAYOUT_VERSION;
+    hdr->abi_version = UPIPE_ABI_VERSION;
+    hdr->header_size = UPIPE_HEADER_SIZE;
+    hdr->creator_pid = (uint32_t)getpid();
+    hdr->total_size = pl.total;
+    hdr->ndata_rings = cfg->ndata_rings;
+    hdr->nclasses = cfg->nclasses;
+    hdr->max_actors = UPIPE_MAX_ACTORS;
+    hdr->total_chunks = pl.total_chunks;
+    hdr->actors_off = pl.actors_off;
+    hdr->chunks_off = pl.chunks_off;
+    for (uint32_t i = 0; i < cfg->ndata_rings; i++) {
+        hdr->ring_off[i] = pl.ring_off[i];
+        struct upipe_ring *r = ring_at(h, i);
+        upipe_ring_init(r, cfg->capacity, cfg->slot_size, i, 0);
+        if (cfg->limit && cfg->limit < cfg->capacity)
+            r->limit = cfg->limit;
+        r->not_empty.efd_index = 0;
+        r->not_full.efd_index = 1;
+    }
+    uint32_t first = 0;
+    for (uint32_t i = 0; i < cfg->nclasses; i++) {
+        uint32_t ri = cfg->ndata_rings + i;
+        hdr->ring_off[ri] = pl.ring_off[ri];
+        struct upipe_class *k = &hdr->classes[i];
+        k->chunk_size = cfg->chunk_size[i];
+        k->nchunks = cfg->nchunks[i];
+        k->first_chunk = first;
+        k->data_off = pl.data_off[i];
+        k->free_ring = ri;
+        struct upipe_ring *fr = ring_at(h, ri);
+        upipe_ring_init(fr, pl.free_cap[i], UPIPE_SLOT_HEADER, ri, UPIPE_RING_FREELIST);
+        fr->not_empty.efd_index = 1; /* a free chunk is "space" for a waiting producer */
+        fr->not_full.efd_index = 1;
+        for (uint32_t c = 0; c < k->nchunks; c++) {
+            struct upipe_slot *s = upipe_ring_slot(fr, c);
+            s->desc = first + c + 1;
+            UPIPE_STORE_RELAXED(&s->stamp, c);
+            UPIPE_STORE_RELAXED(&s->seq, c + 1);
+            UPIPE_STORE_RELAXED(&chunk_hdr(h, first + c)->owner, UPIPE_OWNER_FREE);
+        }
+        UPIPE_STORE_RELAXED(&fr->head, k->nchunks);
+        first += k->nchunks;
+    }
+    UPIPE_STORE_RELEASE(&hdr->state, UPIPE_STATE_READY); /* R3: pairs with A3 in upipe_attach */
+
+    rc = attach_actor(h);
+    if (rc < 0) {
+        handle_destroy(h);
+        return rc;
+    }
+    *out = h;
+    return 0;
+}
+
+int upipe_attach(int memfd, int efd_data, int efd_space, int64_t timeout_ns, upipe_handle **out)
+{
+    struct stat st;
+    if (fstat(memfd, &st) != 0)
+        return -errno;
+    if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size < UPIPE_HEADER_SIZE)
+        return -EPROTO;
+    uint64_t size = (uint64_t)st.st_size;
+    void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+    if (base == MAP_FAILED)
+        return -errno;
+    upipe_handle *h = handle_new(base, size);
+    if (!h) {
+        munmap(base, size);
+        return -ENOMEM;
+    }
+    struct upipe_header *hdr = h->hdr;
+    int rc = 0;
+    int64_t deadline = upipe_now_ns() + (timeout_ns < 0 ? 0 : timeout_ns);
+    /* A3: pairs with R3; after it every creator field is visible. */
+    while (UPIPE_LOAD_ACQUIRE(&hdr->state) != UPIPE_STATE_READY) {
+        if (hdr->magic != UPIPE_MAGIC && UPIPE_LOAD_ACQUIRE(&hdr->state) == UPIPE_STATE_EMPTY) {
+            rc = -EPROTO;
+            goto fail;
+        }
+        if (upipe_now_ns() >= deadline) {
+            rc = -ETIMEDOUT; /* the creator never finished (HangsInCreation) */
+            goto fail;
+        }
+        struct timespec ts = {0, ATTACH_POLL_NS};
+        nanosleep(&ts, NULL);
+    }
+    if (hdr->magic != UPIPE_MAGIC || hdr->header_size != UPIPE_HEADER_SIZE ||
+        hdr->total_size != size) {
+        rc = -EPROTO;
+        goto fail;
+    }
+    if (hdr->layout_version != UPIPE_LAYOUT_VERSION || hdr->abi_version != UPIPE_ABI_VERSION) {
+        rc = -EPROTONOSUPPORT;
+        goto fail;
+    }
+    int src[3] = {memfd, efd_data, efd_space};
+    for (int i = 0; i < 3; i++) {
+        h->fds[i] = fcntl(src[i], F_DUPFD_CLOEXEC, 3);
+        if (h->fds[i] < 0) {
+            rc = -errno;
+            goto fail;
+        }
+    }
+    rc = attach_actor(h);
+    if (rc < 0)
+        goto fail;
+    *out = h;
+    return 0;
+fail:
+    handle_destroy(h);
+    return rc;
+}
+
+void upipe_handle_ref(upipe_handle *h)
+{
+    atomic_fetch_add_explicit(&h->refs, 1, memory_order_relaxed);
+}
+
+static int free_chunk_from(upipe_handle *h, uint32_t c, uint32_t expected_owner);
+
+void upipe_handle_unref(upipe_handle *h)
+{
+    if (atomic_fetch_sub_explicit(&h->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    /* Last reference in this process: no lease, no view, no operation is left. Hand back any
+     * chunk still held (a buffer from alloc() that was never put) and leave the table. */
+    if (h->actor) {
+        for (uint32_t c = 0; c < h->hdr->total_chunks; c++)
+            if (UPIPE_LOAD_RELAXED(&chunk_hdr(h, c)->owner) == h->tag)
+                free_chunk_from(h, c, h->tag);
+        UPIPE_STORE_RELEASE(&h->actor->pid, 0);
+    }
+    handle_destroy(h);
+}
+
+int upipe_fd(upipe_handle *h, int which)
+{
+    return (which < 0 || which > 2) ? -EINVAL : h->fds[which];
+}
+
+uint8_t *upipe_base(upipe_handle *h)
+{
+    return h->base;
+}
+
+uint32_t upipe_inline_max(upipe_handle *h, uint32_t ring)
+{
+    return ring < h->hdr->ndata_rings ? ring_at(h, ring)->inline_max : 0;
+}
+
+int upipe_set_spin(upipe_handle *h, int64_t spin_ns)
+{
+    if (spin_ns < 0)
+        return -EINVAL;
+    h->spin_ns = spin_ns;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* chunks                                                                                     */
+
+uint8_t *upipe_chunk_ptr(upipe_handle *h, uint32_t c)
+{
+    const struct upipe_class *k = class_of(h, c);
+    return k ? h->base + k->data_off + (uint64_t)(c - k->first_chunk) * k->chunk_size : NULL;
+}
+
+int64_t upipe_chunk_size(upipe_handle *h, uint32_t c)
+{
+    const struct upipe_class *k = class_of(h, c);
+    return k ? (int64_t)k->chunk_size : -EINVAL;
+}
+
+int64_t upipe_chunk_of(upipe_handle *h, const uint8_t *addr, uint64_t len)
+{
+    if (addr < h->base || addr >= h->base + h->size)
+        return -ENOENT;
+    uint64_t off = (uint64_t)(addr - h->base);
+    for (uint32_t i = 0; i < h->hdr->nclasses; i++) {
+        const struct upipe_class *k = &h->hdr->classes[i];
+        uint64_t end = k->data_off + k->chunk_size * k->nchunks;
+        if (off < k->data_off || off >= end)
+            continue;
+        uint64_t idx = (off - k->data_off) / k->chunk_size;
+        uint64_t chunk_end = k->data_off + (idx + 1) * k->chunk_size;
+        if (off + len > chunk_end)
+            return -ENOENT;
+        return (int64_t)(k->first_chunk + idx);
+    }
+    return -ENOENT;
+}
+
+int upipe_class_for(upipe_handle *h, uint64_t nbytes)
+{
+    for (uint32_t i = 0; i < h->hdr->nclasses; i++)
+        if (h->hdr->classes[i].chunk_size >= nbytes)
+            return (int)i;
+    return -EMSGSIZE;
+}
+
+int upipe_chunk_held(upipe_handle *h, uint32_t c)
+{
+    if (c >= h->hdr->total_chunks)
+        return 0;
+    return UPIPE_LOAD_ACQUIRE(&chunk_hdr(h, c)->owner) == h->tag;
+}
+
+/* Put chunk c, held by expected_owner, back into its class's free ring. */
+static int free_chunk_from(upipe_handle *h, uint32_t c, uint32_t expected_owner)
+{
+    const struct upipe_class *k = class_of(h, c);
+    if (!k)
+        return -EINVAL;
+    struct upipe_chunk *ch = chunk_hdr(h, c);
+    if (UPIPE_LOAD_ACQUIRE(&ch->owner) != expected_owner)
+        return -EPERM;
+    struct upipe_ring *fr = ring_at(h, k->free_ring);
+    struct upipe_rec *rec = rec_get(h, UPIPE_OP_PUT, k->free_ring);
+    uint64_t p;
+    /* The free ring has room for every chunk twice over, so this waits only while tombstones
+     * left by dead processes are being consumed. */
+    while (upipe_ring_claim_prod(fr, 1, UPIPE_RING_BULK, rec, &p) == 0)
+        sched_yield();
+    struct upipe_slot *s = upipe_ring_slot(fr, p);
+    s->desc = (uint64_t)c + 1;
+    s->len = 0;
+    s->kind = 0;
+    s->meta_len = 0;
+    UPIPE_STORE_RELEASE(&s->stamp, p);            /* R2 */
+    UPIPE_STORE_RELAXED(&ch->flags, 0);
+    UPIPE_STORE_RELEASE(&ch->owner, UPIPE_OWNER_FREE);
+    UPIPE_STORE_RELEASE(&s->seq, p + 1);          /* R0 */
+    rec_put(h, rec);
+    ec_signal(h, &fr->not_empty, 1);
+    return 0;
+}
+
+int upipe_free(upipe_handle *h, uint32_t chunk)
+{
+    if (chunk >= h->hdr->total_chunks)
+        return -EINVAL;
+    return free_chunk_from(h, chunk, h->tag);
+}
+
+int64_t upipe_alloc(upipe_handle *h, uint64_t nbytes, uint32_t *chunk_out)
+{
+    const struct upipe_class *k = NULL;
+    for (uint32_t i = 0; i < h->hdr->nclasses; i++) {
+        if (h->hdr->classes[i].chunk_size >= nbytes) {
+            k = &h->hdr->classes[i];
+            break;
+        }
+    }
+    if (!k)
+        return -EMSGSIZE;
+    struct upipe_ring *fr = ring_at(h, k->free_ring);
+    struct upipe_rec *rec = rec_get(h, UPIPE_OP_TAKE, k->free_ring);
+    for (;;) {
+        uint64_t p;
+        int busy;
+        if (upipe_ring_claim_cons(fr, 1, UPIPE_RING_BULK, rec, &p, &busy) == 0) {
+            rec_put(h, rec);
+            return busy ? -EAGAIN : -ENOBUFS;
+        }
+        struct upipe_slot *s = upipe_ring_slot(fr, p);
+        if (s->kind == UPIPE_KIND_TOMBSTONE) {
+            upipe_ring_release(fr, p);
+            continue;
+        }
+        uint32_t c = (uint32_t)(s->desc - 1);
+        UPIPE_STORE_RELAXED(&chunk_hdr(h, c)->flags, 0);
+        UPIPE_STORE_RELEASE(&chunk_hdr(h, c)->owner, h->tag);
+        upipe_ring_release(fr, p);
+        rec_put(h, rec);
+        *chunk_out = c;
+        return 0;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* put and get                                                                                */
+
+static inline int bad_data_ring(upipe_handle *h, uint32_t ring)
+{
+    return ring >= h->hdr->ndata_rings;
+}
+
+/* A slot claimed after close() becomes a tombstone: consumers drain it, nobody gets it. */
+static void write_tombstone(struct upipe_ring *r, uint64_t p)
+{
+    struct upipe_slot *s = upipe_ring_slot(r, p);
+    s->desc = UPIPE_DESC_INLINE;
+    s->len = 0;
+    s->kind = UPIPE_KIND_TOMBSTONE;
+    s->meta_len = 0;
+    upipe_ring_publish(r, p);
+}
+
+int64_t upipe_put(upipe_handle *h, uint32_t ring, const char *data, uint32_t len, uint16_t kind,
+                  const char *meta, uint16_t meta_len)
+{
+    if (bad_data_ring(h, ring) || kind == UPIPE_KIND_TOMBSTONE)
+        return -EINVAL;
+    struct upipe_ring *r = ring_at(h, ring);
+    if ((uint64_t)len + meta_len > r->inline_max)
+        return -EMSGSIZE;
+    if (UPIPE_LOAD_ACQUIRE(&r->closed))
+        return -EPIPE;
+    struct upipe_rec *rec = rec_get(h, UPIPE_OP_PUT, ring);
+    uint64_t p;
+    if (upipe_ring_claim_prod(r, 1, UPIPE_RING_BULK, rec, &p) == 0) {
+        rec_put(h, rec);
+        return UPIPE_LOAD_ACQUIRE(&r->closed) ? -EPIPE : -ENOBUFS;
+    }
+    if (UPIPE_LOAD_SEQCST(&r->closed)) { /* closed between the check and the claim */
+        write_tombstone(r, p);
+        rec_put(h, rec);
+        ec_signal(h, &r->not_empty, 1);
+        return -EPIPE;
+    }
+    struct upipe_slot *s = upipe_ring_slot(r, p);
+    s->desc = UPIPE_DESC_INLINE;
+    s->len = len;
+    s->kind = kind;
+    s->meta_len = meta_len;
+    if (meta_len)
+        memcpy(s->data, meta, meta_len);
+    if (len)
+        memcpy(s->data + meta_len, data, len);
+    upipe_ring_publish(r, p);
+    rec_put(h, rec);
+    ec_signal(h, &r->not_empty, 1);
+    return 0;
+}
+
+int64_t upipe_put_many(upipe_handle *h, uint32_t ring, const char *data, const uint32_t *lens,
+                       uint32_t n, uint16_t kind)
+{
+    if (bad_data_ring(h, ring) || kind == UPIPE_KIND_TOMBSTONE)
+        return -EINVAL;
+    struct upipe_ring *r = ring_at(h, ring);
+    for (uint32_t i = 0; i < n; i++)
+        if (lens[i] > r->inline_max)
+            return -EMSGSIZE;
+    if (n == 0)
+        return 0;
+    if (UPIPE_LOAD_ACQUIRE(&r->closed))
+        return -EPIPE;
+    struct upipe_rec *rec = rec_get(h, UPIPE_OP_PUT, ring);
+    uint64_t p;
+    uint32_t k = upipe_ring_claim_prod(r, n, UPIPE_RING_BURST, rec, &p);
+    if (k == 0) {
+        rec_put(h, rec);
+        return UPIPE_LOAD_ACQUIRE(&r->closed) ? -EPIPE : -ENOBUFS;
+    }
+    int closed = UPIPE_LOAD_SEQCST(&r->closed) != 0;
+    uint64_t off = 0;
+    for (uint32_t i = 0; i < k; i++) {
+        if (closed) {
+            write_tombstone(r, p + i);
+            continue;
+        }
+        struct upipe_slot *s = upipe_ring_slot(r, p + i);
+        s->desc = UPIPE_DESC_INLINE;
+        s->len = lens[i];
+        s->kind = kind;
+        s->meta_len = 0;
+        memcpy(s->data, data + off, lens[i]);
+        off += lens[i];
+        upipe_ring_publish(r, p + i);
+    }
+    rec_put(h, rec);
+    ec_signal(h, &r->not_empty, (int)k);
+    return closed ? -EPIPE : (int64_t)k;
+}
+
+int64_t upipe_put_chunk(upipe_handle *h, uint32_t ring, uint32_t chunk, uint32_t len,
+                        uint16_t kind, const char *meta, uint16_t meta_len)
+{
+    if (bad_data_ring(h, ring) || kind == UPIPE_KIND_TOMBSTONE || chunk >= h->hdr->total_chunks)
+        return -EINVAL;
+    struct upipe_ring *r = ring_at(h, ring);
+    if (meta_len > r->inline_max)
+        return -EMSGSIZE;
+    if ((uint64_t)len > (uint64_t)upipe_chunk_size(h, chunk))
+        return -EMSGSIZE;
+    struct upipe_chunk *ch = chunk_hdr(h, chunk);
+    if (UPIPE_LOAD_ACQUIRE(&ch->owner) != h->tag)
+        return -EPERM;
+    if (UPIPE_LOAD_ACQUIRE(&r->closed))
+        return -EPIPE;
+    struct upipe_rec *rec = rec_get(h, UPIPE_OP_PUT, ring);
+    uint64_t p;
+    if (upipe_ring_claim_prod(r, 1, UPIPE_RING_BULK, rec, &p) == 0) {
+        rec_put(h, rec);
+        return UPIPE_LOAD_ACQUIRE(&r->closed) ? -EPIPE : -ENOBUFS;
+    }
+    if (UPIPE_LOAD_SEQCST(&r->closed)) {
+        write_tombstone(r, p);
+        rec_put(h, rec);
+        ec_signal(h, &r->not_empty, 1);
+        return -EPIPE; /* the chunk stays with the caller */
+    }
+    struct upipe_slot *s = upipe_ring_slot(r, p);
+    s->desc = (uint64_t)chunk + 1;
+    s->len = len;
+    s->kind = kind;
+    s->meta_len = meta_len;
+    if (meta_len)
+        memcpy(s->data, meta, meta_len);
+    UPIPE_STORE_RELEASE(&s->stamp, p);                  /* R2: the put is complete */
+    UPIPE_STORE_RELEASE(&ch->owner, UPIPE_OWNER_QUEUED); /* the slot holds it now */
+    UPIPE_STORE_RELEASE(&s->seq, p + 1);                /* R0 */
+    rec_put(h, rec);
+    ec_signal(h, &r->not_empty, 1);
+    return 0;
+}
+
+static void maybe_recover_busy(upipe_handle *h)
+{
+    int64_t now = upipe_now_ns();
+    int64_t last = atomic_load_explicit(&h->last_busy_recover_ns, memory_order_relaxed);
+    if (now - last < BUSY_RECOVER_NS)
+        return;
+    atomic_store_explicit(&h->last_busy_recover_ns, now, memory_order_relaxed);
+    upipe_recover(h);
+}
+
+/* Result for an empty claim: closed-and-drained, a producer mid-write, or plain empty. */
+static int64_t empty_result(upipe_handle *h, int closed_before, int busy)
+{
+    if (busy) {
+        maybe_recover_busy(h); /* a writer that has been mid-write this long may be dead */
+        return -EAGAIN;
+    }
+    return closed_before ? -EPIPE : -ENOENT;
+}
+
+int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
+                  uint32_t *chunk_out)
+{
+    if (bad_data_ring(h, ring))
+        return -EINVAL;
+    struct upipe_ring *r = ring_at(h, ring);
+    if (outcap < r->inline_max)
+        return -EINVAL;
+    struct upipe_rec *rec = rec_get(h, UPIPE_OP_TAKE, ring);
+    for (;;) {
+        /* closed is read before the claim: closed and then empty means drained for good, as
+         * every put re-checks closed after its claim (tombstoning a late one). */
+        int closed = UPIPE_LOAD_SEQCST(&r->closed) != 0;
+        uint64_t p;
+        int busy;
+        if (upipe_ring_claim_cons(r, 1, UPIPE_RING_BULK, rec, &p, &busy) == 0) {
+            rec_put(h, rec);
+            return empty_result(h, closed, busy);
+        }
+        struct upipe_slot *s = upipe_ring_slot(r, p);
+        if (s->kind == UPIPE_KIND_TOMBSTONE) {
+            upipe_ring_release(r, p);
+            UPIPE_FETCH_ADD_RELAXED(&r->tombstones_skipped, 1);
+            ec_signal(h, &r->not_full, 1);
+            continue;
+        }
+        uint32_t len = s->len, meta_len = s->meta_len;
+        uint16_t kind = s->kind;
+        uint64_t desc = s->desc;
+        if (desc == UPIPE_DESC_INLINE) {
+            memcpy(out, s->data, (size_t)meta_len + len);
+            *chunk_out = UINT32_MAX;
+        } else {
+            uint32_t c = (uint32_t)(desc - 1);
+            if (meta_len)
+                memcpy(out, s->data, meta_len);
+            UPIPE_STORE_RELAXED(&chunk_hdr(h, c)->flags, UPIPE_CHUNK_RECEIVED);
+            UPIPE_STORE_RELEASE(&chunk_hdr(h, c)->owner, h->tag); /* before the slot lets go */
+            *chunk_out = c;
+        }
+        upipe_ring_release(r, p);
+        rec_put(h, rec);
+        ec_signal(h, &r->not_full, 1);
+        return (int64_t)(((uint64_t)kind << 48) | ((uint64_t)meta_len << 32) | len);
+    }
+}
+
+int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
+                       uint64_t outcap, uint32_t *ends, uint32_t maxn)
+{
+    if (bad_data_ring(h, ring) || maxn == 0)
+        return -EINVAL;
+    struct upipe_ring *r = ring_at(h, ring);
+    uint64_t fit = outcap / r->inline_max;
+    if (fit == 0)
+        return -EINVAL;
+    if (maxn > fit)
+        maxn = (uint32_t)fit;
+    struct upipe_rec *rec = rec_get(h, UPIPE_OP_TAKE, ring);
+    for (;;) {
+        int closed = UPIPE_LOAD_SEQCST(&r->closed) != 0;
+        /* Count the run of published plain items of this kind (A0 on each seq), then claim it. */
+        uint64_t t = UPIPE_LOAD_RELAXED(&r->tail);
+        uint32_t k = 0;
+        int stale = 0, other = 0;
+        while (k < maxn) {
+            struct upipe_slot *s = upipe_ring_slot(r, t + k);
+            uint64_t seq = UPIPE_LOAD_ACQUIRE(&s->seq); /* A0 */
+            int64_t dif = (int64_t)(seq - (t + k + 1));
+            if (dif > 0) {
+                stale = 1;
+                break;
+            }
+            if (dif < 0)
+                break;
+            if (s->desc != UPIPE_DESC_INLINE || s->meta_len != 0 ||
+                (s->kind != kind && s->kind != UPIPE_KIND_TOMBSTONE)) {
+                other = 1;
+                break;
+            }
+            k++;
+        }
+        if (stale || (k == 0 && !other && UPIPE_LOAD_RELAXED(&r->tail) != t))
+            continue;
+        if (k == 0) {
+            rec_put(h, rec);
+            if (other)
+                return -EBADMSG;
+            int busy = UPIPE_LOAD_ACQUIRE(&r->head) > t;
+            return empty_result(h, closed, busy);
+        }
+        UPIPE_STORE_RELAXED(&rec->pos, t);
+        UPIPE_STORE_RELAXED(&rec->n, k);
+        if (!UPIPE_CAS(&r->tail, &t, t + k))
+            continue;
+        uint64_t off = 0;
+        uint32_t got = 0;
+        for (uint32_t i = 0; i < k; i++) {
+            struct upipe_slot *s = upipe_ring_slot(r, t + i);
+            if (s->kind == UPIPE_KIND_TOMBSTONE) {
+                UPIPE_FETCH_ADD_RELAXED(&r->tombstones_skipped, 1);
+            } else {
+                memcpy(out + off, s->data, s->len);
+                off += s->len;
+                ends[got++] = (uint32_t)off;
+            }
+            upipe_ring_release(r, t + i);
+        }
+        rec_put(h, rec);
+        ec_signal(h, &r->not_full, (int)k);
+        if (got)
+            return got;
+        rec = rec_get(h, UPIPE_OP_TAKE, ring); /* a run of tombstones only: look again */
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* waiting                                                                                    */
+
+static int resolve_wait(upipe_handle *h, uint32_t ring, int what, struct upipe_ring **r,
+                        struct upipe_ec **ec)
+{
+    if (what == UPIPE_WAIT_CHUNK) {
+        if (ring >= h->hdr->nclasses)
+            return -EINVAL;
+        *r = ring_at(h, h->hdr->classes[ring].free_ring);
+        *ec = &(*r)->not_empty;
+        return 0;
+    }
+    if (bad_data_ring(h, ring) || (what != UPIPE_WAIT_READABLE && what != UPIPE_WAIT_WRITABLE))
+        return -EINVAL;
+    *r = ring_at(h, ring);
+    *ec = what == UPIPE_WAIT_WRITABLE ? &(*r)->not_full : &(*r)->not_empty;
+    return 0;
+}
+
+static int cond_ready(struct upipe_ring *r, int what)
+{
+    return what == UPIPE_WAIT_WRITABLE ? upipe_ring_writable(r) : upipe_ring_readable(r);
+}
+
+int upipe_ready(upipe_handle *h, uint32_t ring, int what)
+{
+    struct upipe_ring *r;
+    struct upipe_ec *ec;
+    int rc = resolve_wait(h, ring, what, &r, &ec);
+    return rc < 0 ? rc : cond_ready(r, what);
+}
+
+int upipe_wait(upipe_handle *h, uint32_t ring, int what, int64_t deadline_ns)
+{
+    struct upipe_ring *r;
+    struct upipe_ec *ec;
+    int rc = resolve_wait(h, ring, what, &r, &ec);
+    if (rc < 0)
+        return rc;
+    /* Spin first: a busy peer usually answers within microseconds, and a futex round trip
+     * costs more than that. Plain loads only; the clock is read every 64 turns. */
+    if (h->spin_ns > 0) {
+        int64_t spin_end = upipe_now_ns() + h->spin_ns;
+        for (uint32_t i = 1;; i++) {
+            if (cond_ready(r, what))
+                return 0;
+            UPIPE_CPU_RELAX();
+            if ((i & 63) == 0 && upipe_now_ns() >= spin_end)
+                break;
+        }
+    }
+    for (;;) {
+        uint32_t seq = UPIPE_LOAD_SEQCST(&ec->seq);
+        UPIPE_FETCH_ADD(&ec->sync_waiters, 1); /* F0, waiter side: register, then re-check */
+        if (cond_ready(r, what)) {
+            UPIPE_FETCH_SUB(&ec->sync_waiters, 1);
+            return 0;
+        }
+        int64_t now = upipe_now_ns();
+        if (deadline_ns >= 0 && now >= deadline_ns) {
+            UPIPE_FETCH_SUB(&ec->sync_waiters, 1);
+            return -ETIMEDOUT;
+        }
+        int64_t slice = now + RECOVERY_SLICE_NS;
+        int64_t until = (deadline_ns >= 0 && deadline_ns < slice) ? deadline_ns : slice;
+        rc = upipe_futex_wait(&ec->seq, seq, until);
+        UPIPE_FETCH_SUB(&ec->sync_waiters, 1);
+        if (rc == -EINTR)
+            return -EINTR; /* let the caller run its signal handlers (Ctrl-C) */
+        if (rc == -ETIMEDOUT) {
+            if (deadline_ns >= 0 && upipe_now_ns() >= deadline_ns) {
+                /* We may have been the one woken for an item we now walk away from: pass it on. */
+                if (cond_ready(r, what) && UPIPE_LOAD_SEQCST(&ec->sync_waiters))
+                    upipe_futex_wake(&ec->seq, 1);
+                return -ETIMEDOUT;
+            }
+            upipe_recover(h); /* a slice went by with nothing: is a peer dead mid-operation? */
+        }
+        return 0;
+    }
+}
+
+int upipe_spin(upipe_handle *h, uint32_t ring, int what, int64_t spin_ns)
+{
+    struct upipe_ring *r;
+    struct upipe_ec *ec;
+    int rc = resolve_wait(h, ring, what, &r, &ec);
+    if (rc < 0)
+        return rc;
+    int64_t spin_end = upipe_now_ns() + spin_ns;
+    for (uint32_t i = 1;; i++) {
+        if (cond_ready(r, what))
+            return 1;
+        UPIPE_CPU_RELAX();
+        if ((i & 63) == 0 && upipe_now_ns() >= spin_end)
+            return 0;
+    }
+}
+
+int upipe_async_waiter(upipe_handle *h, uint32_t ring, int what, int delta)
+{
+    struct upipe_ring *r;
+    struct upipe_ec *ec;
+    int rc = resolve_wait(h, ring, what, &r, &ec);
+    if (rc < 0)
+        return rc;
+    if (delta > 0) {
+        UPIPE_FETCH_ADD(&ec->async_waiters, 1); /* F0, waiter side */
+        return cond_ready(r, what);
+    }
+    UPIPE_FETCH_SUB(&ec->async_waiters, 1);
+    return 0;
+}
+
+uint32_t upipe_async_waiters(upipe_handle *h, uint32_t ring, int what)
+{
+    struct upipe_ring *r;
+    struct upipe_ec *ec;
+    if (resolve_wait(h, ring, what, &r, &ec) < 0)
+        return 0;
+    return UPIPE_LOAD_SEQCST(&ec->async_waiters);
+}
+
+void upipe_async_kick(upipe_handle *h, uint32_t ring, int what)
+{
+    struct upipe_ring *r;
+    struct upipe_ec *ec;
+    if (resolve_wait(h, ring, what, &r, &ec) < 0)
+        return;
+    uint64_t one = 1;
+    ssize_t w = write(h->fds[1 + ec->efd_index], &one, sizeof one);
+    (void)w;
+}
+
+int upipe_close(upipe_handle *h, uint32_t ring)
+{
+    if (bad_data_ring(h, ring))
+        return -EINVAL;
+    struct upipe_ring *r = ring_at(h, ring);
+    UPIPE_STORE_SEQCST(&r->closed, 1);
+    /* Everyone wakes: consumers to drain and see the end, producers to see Closed. */
+    for (int i = 0; i < 2; i++) {
+        struct upipe_ec *ec = i ? &r->not_full : &r->not_empty;
+        UPIPE_FETCH_ADD(&ec->seq, 1);
+        upipe_futex_wake(&ec->seq, INT_MAX);
+        uint64_t one = 1;
+        ssize_t w = write(h->fds[1 + ec->efd_index], &one, sizeof one);
+        (void)w;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* recovery                                                                                   */
+
+/* Is position q of ring ri named by the journal of any actor we believe alive? */
+static int live_claim(upipe_handle *h, const uint8_t *alive, uint32_t ri, uint32_t op, uint64_t q)
+{
+    for (uint32_t i = 0; i < h->hdr->max_actors; i++) {
+        if (!alive[i])
+            continue;
+        struct upipe_actor *a = actor_at(h, i);
+        for (uint32_t j = 0; j < UPIPE_RECS_PER_ACTOR; j++) {
+            struct upipe_rec *rec = &a->recs[j];
+            if (UPIPE_LOAD_SEQCST(&rec->op) != op || UPIPE_LOAD_SEQCST(&rec->ring) != ri)
+                continue;
+            uint64_t pos = UPIPE_LOAD_SEQCST(&rec->pos), n = UPIPE_LOAD_SEQCST(&rec->n);
+            if (q >= pos && q < pos + n)
+                return 1;
+        }
+    }
+    return 0;
+}
+
+/* A producer died between claiming q and publishing it. Order: head, live journals, slot. */
+static void repair_put(upipe_handle *h, const uint8_t *alive, uint32_t ri, uint64_t q)
+{
+    struct upipe_ring *r = ring_at(h, ri);
+    if (UPIPE_LOAD_SEQCST(&r->head) <= q)
+        return; /* never claimed */
+    if (live_claim(h, alive, ri, UPIPE_OP_PUT, q))
+        return; /* a live producer owns it and will publish it */
+    struct upipe_slot *s = upipe_ring_slot(r, q);
+    if (UPIPE_LOAD_SEQCST(&s->seq) != q)
+        return; /* already published */
+    if (UPIPE_LOAD_ACQUIRE(&s->stamp) == q) { /* A2: complete, so the put happened */
+        if (s->desc != UPIPE_DESC_INLINE) {
+            uint32_t c = (uint32_t)(s->desc - 1);
+            uint32_t owner = (r->flags & UPIPE_RING_FREELIST) ? UPIPE_OWNER_FREE : UPIPE_OWNER_QUEUED;
+            UPIPE_STORE_RELEASE(&chunk_hdr(h, c)->owner, owner);
+        }
+        UPIPE_STORE_RELEASE(&s->seq, q + 1);
+    } else {
+        write_tombstone(r, q);
+        UPIPE_FETCH_ADD(&r->aborted_puts, 1);
+    }
+    ec_signal(h, &r->not_empty, 1);
+}
+
+/* A consumer died between claiming q and releasing it. */
+static void repair_take(upipe_handle *h, const uint8_t *alive, uint32_t ri, uint64_t q,
+                        uint32_t dead_tag)
+{
+    struct upipe_ring *r = ring_at(h, ri);
+    if (UPIPE_LOAD_SEQCST(&r->tail) <= q)
+        return;
+    if (live_claim(h, alive, ri, UPIPE_OP_TAKE, q))
+        return;
+    struct upipe_slot *s = upipe_ring_slot(r, q);
+    if (UPIPE_LOAD_SEQCST(&s->seq) != q + 1)
+        return; /* already released */
+    int is_item = !(r->flags & UPIPE_RING_FREELIST) && s->kind != UPIPE_KIND_TOMBSTONE;
+    if (s->desc != UPIPE_DESC_INLINE && s->kind != UPIPE_KIND_TOMBSTONE) {
+        /* Give the chunk to the dead actor; the sweep below hands it back to its pool. */
+        uint32_t c = (uint32_t)(s->desc - 1);
+        UPIPE_STORE_RELAXED(&chunk_hdr(h, c)->flags, is_item ? UPIPE_CHUNK_RECEIVED : 0);
+        UPIPE_STORE_RELEASE(&chunk_hdr(h, c)->owner, dead_tag);
+    } else if (is_item) {
+        UPIPE_FETCH_ADD(&r->lost_items, 1); /* an inline item it took and never returned */
+    }
+    upipe_ring_release(r, q);
+    ec_signal(h, &r->not_full, 1);
+}
+
+static void recover_actor(upipe_handle *h, const uint8_t *alive, uint32_t index)
+{
+    struct upipe_actor *a = actor_at(h, index);
+    uint32_t dead_tag = make_tag(index, UPIPE_LOAD_ACQUIRE(&a->gen));
+    uint32_t nrings = h->hdr->ndata_rings + h->hdr->nclasses;
+    for (uint32_t j = 0; j < UPIPE_RECS_PER_ACTOR; j++) {
+        struct upipe_rec *rec = &a->recs[j];
+        uint32_t op = UPIPE_LOAD_SEQCST(&rec->op);
+        uint32_t ri = UPIPE_LOAD_SEQCST(&rec->ring);
+        if (op == UPIPE_OP_NONE || ri >= nrings)
+            continue;
+        uint64_t pos = UPIPE_LOAD_SEQCST(&rec->pos), n = UPIPE_LOAD_SEQCST(&rec->n);
+        for (uint64_t q = pos; q < pos + n; q++) {
+            if (op == UPIPE_OP_PUT)
+                repair_put(h, alive, ri, q);
+            else if (op == UPIPE_OP_TAKE)
+                repair_take(h, alive, ri, q, dead_tag);
+        }
+    }
+    /* Sweep: every chunk the dead process held goes back to its pool. */
+    for (uint32_t c = 0; c < h->hdr->total_chunks; c++) {
+        struct upipe_chunk *ch = chunk_hdr(h, c);
+        if (UPIPE_LOAD_ACQUIRE(&ch->owner) != dead_tag)
+            continue;
+        if (UPIPE_LOAD_RELAXED(&ch->flags) & UPIPE_CHUNK_RECEIVED)
+            UPIPE_FETCH_ADD(&h->hdr->lost_leases, 1);
+        UPIPE_FETCH_ADD(&h->hdr->reclaimed_chunks, 1);
+        free_chunk_from(h, c, dead_tag);
+    }
+    for (uint32_t j = 0; j < UPIPE_RECS_PER_ACTOR; j++)
+        UPIPE_STORE_RELAXED(&a->recs[j].op, UPIPE_OP_NONE);
+    UPIPE_FETCH_ADD(&h->hdr->recoveries, 1);
+    UPIPE_STORE_RELEASE(&a->pid, 0); /* the entry is free for a new process */
+}
+
+int upipe_recover(upipe_handle *h)
+{
+    struct upipe_header *hdr = h->hdr;
+    if (!h->actor)
+        return 0; /* recovery hands chunks back, which takes an actor (journal) of our own */
+    /* One recoverer at a time; a dead recoverer's lock is taken over. */
+    uint32_t expected = 0;
+    if (!UPIPE_CAS(&hdr->recovery_owner, &expected, h->tag)) {
+        uint32_t holder = expected;
+        uint32_t idx = (holder & 0xFFu) - 1;
+        if (idx < hdr->max_actors) {
+            struct upipe_actor *a = actor_at(h, idx);
+            if (make_tag(idx, UPIPE_LOAD_ACQUIRE(&a->gen)) == holder && actor_alive(a))
+                return -EBUSY;
+        }
+        if (!UPIPE_CAS(&hdr->recovery_owner, &holder, h->tag))
+            return -EBUSY;
+    }
+    uint8_t alive[UPIPE_MAX_ACTORS];
+    uint8_t dead[UPIPE_MAX_ACTORS];
+    int ndead = 0;
+    for (uint32_t i = 0; i < hdr->max_actors; i++) {
+        struct upipe_actor *a = actor_at(h, i);
+        uint32_t pid = UPIPE_LOAD_ACQUIRE(&a->pid);
+        alive[i] = dead[i] = 0;
+        if (pid == 0)
+            continue;
+        if (a == h->actor || actor_alive(a))
+            alive[i] = 1;
+        else
+            dead[i] = 1, ndead++;
+    }
+    for (uint32_t i = 0; i < hdr->max_actors; i++)
+        if (dead[i])
+            recover_actor(h, alive, i);
+    UPIPE_STORE_RELEASE(&hdr->recovery_owner, 0);
+    return ndead;
+}
+
+int upipe_stats(upipe_handle *h, uint32_t ring, struct upipe_stats *out)
+{
+    if (bad_data_ring(h, ring))
+        return -EINVAL;
+    struct upipe_ring *r = ring_at(h, ring);
+    memset(out, 0, sizeof *out);
+    out->capacity = r->capacity;
+    out->tail = UPIPE_LOAD_ACQUIRE(&r->tail);
+    out->head = UPIPE_LOAD_ACQUIRE(&r->head);
+    out->count = upipe_ring_count(r);
+    out->closed = UPIPE_LOAD_ACQUIRE(&r->closed);
+    out->inline_max = r->inline_max;
+    out->aborted_puts = UPIPE_LOAD_RELAXED(&r->aborted_puts);
+    out->lost_items = UPIPE_LOAD_RELAXED(&r->lost_items);
+    out->tombstones_skipped = UPIPE_LOAD_RELAXED(&r->tombstones_skipped);
+    out->recoveries = UPIPE_LOAD_RELAXED(&h->hdr->recoveries);
+    out->reclaimed_chunks = UPIPE_LOAD_RELAXED(&h->hdr->reclaimed_chunks);
+    out->lost_leases = UPIPE_LOAD_RELAXED(&h->hdr->lost_leases);
+    for (uint32_t i = 0; i < h->hdr->max_actors; i++)
+        out->actors += UPIPE_LOAD_RELAXED(&actor_at(h, i)->pid) != 0;
+    out->nclasses = h->hdr->nclasses;
+    for (uint32_t i = 0; i < h->hdr->nclasses; i++) {
+        const struct upipe_class *k = &h->hdr->classes[i];
+        out->class_size[i] = k->chunk_size;
+        out->class_total[i] = k->nchunks;
+        out->class_free[i] = upipe_ring_count(ring_at(h, k->free_ring));
+    }
+    out->segment_size = h->size;
+    return 0;
+}

@@ -1,0 +1,118 @@
+/*
+ * upipe.h - the C core's public API: one shared-memory segment with data rings and chunk pools.
+ *
+ * Conventions: every function returns 0, a count, or a negative errno; none prints or aborts.
+ *   -EINVAL   bad arguments            -EMSGSIZE  payload larger than the slot / largest chunk
+ *   -ENOBUFS  ring full / no free chunk -ENOENT   ring empty
+ *   -EAGAIN   next item is being written by a producer (or its writer died; recovery will fix it)
+ *   -EPIPE    ring closed (put), or closed and drained (get)
+ *   -EPERM    chunk not held by this process   -EUSERS  actor table full
+ *   -EPROTO   not a upipe segment / corrupt header
+ *   -EPROTONOSUPPORT  layout or ABI version differs   -ETIMEDOUT  timed out / creator hung
+ *   -ENOSPC / -ENOMEM  the memory for the segment could not be reserved
+ * The C side is the same in every process; everything process-local lives in upipe_handle.
+ */
+#ifndef UPIPE_H
+#define UPIPE_H
+
+#include <stdint.h>
+
+#define UPIPE_ABI_VERSION 1
+
+typedef struct upipe_handle upipe_handle;
+
+struct upipe_config {
+    uint32_t ndata_rings; /* 1 .. 8 */
+    uint32_t slot_size;   /* bytes per data-ring slot, 64 .. 65536, multiple of 8 (32 B header) */
+    uint64_t capacity;    /* slots per data ring, power of two >= 2 */
+    uint32_t nclasses;    /* chunk size classes, 0 .. 8 */
+    uint32_t reserved;
+    uint64_t limit;         /* most items per data ring (maxsize); 0 means capacity */
+    uint64_t chunk_size[8]; /* ascending, multiples of 64 */
+    uint32_t nchunks[8];    /* >= 1 each */
+};
+
+struct upipe_stats {
+    uint64_t capacity, count, head, tail;
+    uint32_t closed, inline_max;
+    uint64_t aborted_puts, lost_items, tombstones_skipped;
+    uint64_t recoveries, reclaimed_chunks, lost_leases;
+    uint32_t actors, nclasses;
+    uint64_t class_size[8], class_total[8], class_free[8];
+    uint64_t segment_size;
+};
+
+enum upipe_wait_what { UPIPE_WAIT_READABLE = 0, UPIPE_WAIT_WRITABLE = 1, UPIPE_WAIT_CHUNK = 2 };
+
+int upipe_abi_version(void);
+
+/* Bytes the segment for cfg takes, or -EINVAL. */
+int64_t upipe_segment_size(const struct upipe_config *cfg);
+/* Create a segment (memfd, reserved up front) and attach to it. */
+int upipe_create(const struct upipe_config *cfg, upipe_handle **out);
+/* Attach to a segment created elsewhere; the fds are duplicated, the caller keeps its own. */
+int upipe_attach(int memfd, int efd_data, int efd_space, int64_t timeout_ns, upipe_handle **out);
+/* Handles are reference counted: each live lease holds one, so the mapping outlives every view. */
+void upipe_handle_ref(upipe_handle *h);
+void upipe_handle_unref(upipe_handle *h);
+/* fd 0: the memfd; 1: eventfd rung for data; 2: eventfd rung for space (ring slots, free chunks). */
+int upipe_fd(upipe_handle *h, int which);
+uint8_t *upipe_base(upipe_handle *h);
+uint32_t upipe_inline_max(upipe_handle *h, uint32_t ring);
+int upipe_set_spin(upipe_handle *h, int64_t spin_ns);
+
+/* Non-blocking operations. */
+int64_t upipe_put(upipe_handle *h, uint32_t ring, const char *data, uint32_t len, uint16_t kind,
+                  const char *meta, uint16_t meta_len);
+int64_t upipe_put_many(upipe_handle *h, uint32_t ring, const char *data, const uint32_t *lens,
+                       uint32_t n, uint16_t kind);
+int64_t upipe_put_chunk(upipe_handle *h, uint32_t ring, uint32_t chunk, uint32_t len,
+                        uint16_t kind, const char *meta, uint16_t meta_len);
+/* >= 0: kind << 48 | meta_len << 32 | len. Meta (and an inline payload) is copied to out; a
+ * chunk payload stays in the chunk, now held by this process, id in *chunk_out (else UINT32_MAX). */
+int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
+                  uint32_t *chunk_out);
+/* Up to maxn consecutive inline items of this kind without meta; ends[i] = end offset in out.
+ * Returns the count, -ENOENT/-EAGAIN/-EPIPE as upipe_get, or -EBADMSG when the next item is of
+ * another shape (use upipe_get for it). */
+int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
+                       uint64_t outcap, uint32_t *ends, uint32_t maxn);
+int64_t upipe_alloc(upipe_handle *h, uint64_t nbytes, uint32_t *chunk_out);
+int upipe_free(upipe_handle *h, uint32_t chunk);
+uint8_t *upipe_chunk_ptr(upipe_handle *h, uint32_t chunk);
+int64_t upipe_chunk_size(upipe_handle *h, uint32_t chunk);
+/* Chunk id of the chunk containing [addr, addr + len), or -ENOENT. */
+int64_t upipe_chunk_of(upipe_handle *h, const uint8_t *addr, uint64_t len);
+int upipe_chunk_held(upipe_handle *h, uint32_t chunk);
+/* Smallest size class holding nbytes (for UPIPE_WAIT_CHUNK), or -EMSGSIZE. */
+int upipe_class_for(upipe_handle *h, uint64_t nbytes);
+
+/* Blocking: spin, then sleep on the condition's futex until ready, the deadline (absolute
+ * CLOCK_MONOTONIC ns, < 0 for none), a signal (-EINTR) or a recovery slice. 0 means re-try. */
+int upipe_wait(upipe_handle *h, uint32_t ring, int what, int64_t deadline_ns);
+/* Spin only (no sleep) up to spin_ns for the condition: 1 if it holds, else 0. */
+int upipe_spin(upipe_handle *h, uint32_t ring, int what, int64_t spin_ns);
+/* Async waiters: +1 / -1 for this process; returns 1 if the condition holds now, else 0. */
+int upipe_async_waiter(upipe_handle *h, uint32_t ring, int what, int delta);
+/* Readiness, for the dispatcher that decides whether to pass a wakeup on. */
+int upipe_ready(upipe_handle *h, uint32_t ring, int what);
+uint32_t upipe_async_waiters(upipe_handle *h, uint32_t ring, int what);
+/* Wake async waiters of other processes (the baton, see docs/futex.md). */
+void upipe_async_kick(upipe_handle *h, uint32_t ring, int what);
+
+int upipe_close(upipe_handle *h, uint32_t ring);
+/* Repair what dead processes left half-done; returns how many dead processes were recovered. */
+int upipe_recover(upipe_handle *h);
+int upipe_stats(upipe_handle *h, uint32_t ring, struct upipe_stats *out);
+
+/* Liveness of a pid as recovery sees it (tests use it): 1 alive, 0 dead or zombie. */
+int upipe_pid_alive(uint32_t pid, uint64_t starttime);
+uint64_t upipe_pid_starttime(uint32_t pid);
+
+/* Compiled offsets of the shared structures by name ("upipe_ring.head", "sizeof(upipe_slot)"),
+ * or -ENOENT; upipe_layout_name(i) lists them. Tests check docs/layout.md against these. */
+int64_t upipe_layout_offset(const char *name);
+int64_t upipe_layout_count(void);
+const char *upipe_layout_name(int64_t i);
+
+#endif /* UPIPE_H */

@@ -1,0 +1,188 @@
+/*
+ * upipe_layout.h - the bytes of a upipe shared-memory segment.
+ *
+ * One segment (an anonymous memfd) holds:
+ *
+ *   [ header 4 KiB | actor table | chunk headers | rings (data rings, then one free ring per
+ *     chunk class) | chunk data, one region per size class ]
+ *
+ * Every field says who writes it. "creator" fields are written once, before the release store of
+ * header.state = READY, and are read-only afterwards. docs/layout.md has the byte offsets and a
+ * test compares them with the compiled ones (ffi.offsetof).
+ */
+#ifndef UPIPE_LAYOUT_H
+#define UPIPE_LAYOUT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdatomic.h>
+
+/* "UPIPE\0\0\1" read as a little-endian u64. */
+#define UPIPE_MAGIC 0x0100004550495055ULL
+#define UPIPE_LAYOUT_VERSION 1u
+
+#define UPIPE_HEADER_SIZE 4096u
+#define UPIPE_MAX_DATA_RINGS 8u
+#define UPIPE_MAX_CLASSES 8u
+#define UPIPE_MAX_RINGS (UPIPE_MAX_DATA_RINGS + UPIPE_MAX_CLASSES)
+#define UPIPE_MAX_ACTORS 64u
+#define UPIPE_RECS_PER_ACTOR 64u
+#define UPIPE_SLOT_HEADER 32u
+#define UPIPE_RING_GUARD 128u
+
+enum upipe_state { UPIPE_STATE_EMPTY = 0, UPIPE_STATE_INITIALIZING = 1, UPIPE_STATE_READY = 2 };
+
+/* chunk.owner values other than an actor tag. */
+#define UPIPE_OWNER_FREE 0u           /* in its class's free ring */
+#define UPIPE_OWNER_QUEUED 0xFFFFFFFFu /* referenced by exactly one published data-ring slot */
+
+/* slot.desc: 0 means the payload is inline in the slot; otherwise chunk id + 1. */
+#define UPIPE_DESC_INLINE 0u
+/* slot.kind reserved by the C core: a slot a dead producer claimed and never filled. */
+#define UPIPE_KIND_TOMBSTONE 0xFFFFu
+
+/* chunk.flags */
+#define UPIPE_CHUNK_RECEIVED 1u /* the holder took it from a data ring (an item, not a fresh alloc) */
+
+/* rec.op: what an actor is in the middle of (the journal recovery reads after a crash). */
+enum upipe_op { UPIPE_OP_NONE = 0, UPIPE_OP_PUT = 1, UPIPE_OP_TAKE = 2 };
+
+/*
+ * An eventcount: a doorbell for one condition of one ring (see docs/futex.md).
+ * seq: bumped by wakers, only when waiters are registered; the futex word.
+ * sync_waiters / async_waiters: incremented and decremented by waiters.
+ */
+struct upipe_ec {
+    _Atomic uint32_t seq;
+    _Atomic uint32_t sync_waiters;
+    _Atomic uint32_t async_waiters;
+    uint32_t efd_index; /* creator: which of the process's eventfds rings this doorbell */
+};
+
+struct upipe_slot {
+    _Atomic uint64_t seq;   /* lap word. producer: pos+1 on publish; consumer: pos+capacity on release */
+    _Atomic uint64_t stamp; /* producer: pos, once desc/len/kind/data are complete (crash evidence) */
+    uint64_t desc;          /* producer: UPIPE_DESC_INLINE or chunk id + 1 */
+    uint32_t len;           /* producer: payload bytes (not counting meta) */
+    uint16_t kind;          /* producer: opaque to C, except UPIPE_KIND_TOMBSTONE */
+    uint16_t meta_len;      /* producer: bytes of metadata at the start of data[] */
+    uint8_t data[];         /* producer: meta, then the payload when desc == UPIPE_DESC_INLINE */
+};
+
+/*
+ * A bounded MPMC ring of slots with per-slot lap words (Vyukov), 64-bit free-running positions
+ * masked on access. Each block that one side writes sits on its own 2 x 64 B.
+ */
+struct upipe_ring {
+    /* creator, read-only afterwards */
+    uint64_t capacity; /* power of two */
+    uint64_t mask;
+    uint32_t slot_size;
+    uint32_t inline_max; /* slot_size - UPIPE_SLOT_HEADER */
+    uint32_t index;
+    uint32_t flags; /* UPIPE_RING_FREELIST for a chunk class's free ring */
+    uint64_t limit; /* most items the ring holds at once (<= capacity): the user's maxsize */
+    uint8_t pad_ro[128 - 40];
+    /* producers */
+    _Atomic uint64_t head;
+    uint8_t pad_head[128 - 8];
+    /* consumers */
+    _Atomic uint64_t tail;
+    uint8_t pad_tail[128 - 8];
+    /* not_empty: producers bump seq, consumers wait */
+    struct upipe_ec not_empty;
+    uint8_t pad_ne[128 - sizeof(struct upipe_ec)];
+    /* not_full: consumers bump seq, producers wait */
+    struct upipe_ec not_full;
+    uint8_t pad_nf[128 - sizeof(struct upipe_ec)];
+    /* rare writes: close() and recovery */
+    _Atomic uint32_t closed;
+    uint32_t pad_c;
+    _Atomic uint64_t aborted_puts;       /* recovery: tombstones written for dead producers */
+    _Atomic uint64_t lost_items;         /* recovery: items a dead consumer took mid-get */
+    _Atomic uint64_t tombstones_skipped; /* consumers */
+    uint8_t pad_rare[128 - 32];
+    /* slot_size * capacity bytes of slots follow, then UPIPE_RING_GUARD bytes */
+};
+#define UPIPE_RING_FREELIST 1u
+
+/* One entry of an actor's journal; written by its owner, read by recovery. */
+struct upipe_rec {
+    _Atomic uint32_t op;   /* enum upipe_op; NONE when idle */
+    _Atomic uint32_t ring; /* ring index */
+    _Atomic uint64_t pos;  /* first position being claimed (written before the claiming CAS) */
+    _Atomic uint64_t n;    /* number of positions being claimed */
+    uint64_t pad;
+};
+
+/*
+ * An attached process. pid: the actor itself claims the entry (CAS 0 -> pid) and clears it on
+ * detach; recovery clears it after a crash. gen: bumped by the claimer, so a tag never names two
+ * incarnations. recs: the process's in-flight operations, one entry per concurrent thread.
+ */
+struct upipe_actor {
+    _Atomic uint32_t pid;
+    _Atomic uint32_t gen;
+    _Atomic uint64_t starttime; /* owner: /proc/self/stat field 22, to tell a reused pid */
+    uint8_t pad[64 - 16];
+    struct upipe_rec recs[UPIPE_RECS_PER_ACTOR];
+};
+
+/* Chunk bookkeeping, one per chunk, in the chunk-headers region. */
+struct upipe_chunk {
+    _Atomic uint32_t owner; /* the current holder: FREE, QUEUED or an actor tag */
+    _Atomic uint32_t flags; /* holder */
+};
+
+/* creator, read-only afterwards */
+struct upipe_class {
+    uint64_t chunk_size;
+    uint64_t data_off; /* segment offset of chunk 0 of this class */
+    uint32_t nchunks;
+    uint32_t first_chunk; /* global id of this class's chunk 0 */
+    uint32_t free_ring;   /* ring index of this class's free list */
+    uint32_t pad;
+};
+
+struct upipe_header {
+    /* creator, read-only afterwards */
+    uint64_t magic;
+    uint32_t layout_version;
+    uint32_t abi_version;
+    uint32_t header_size;
+    uint32_t flags;
+    _Atomic uint32_t state; /* creator: written last, with a release store */
+    uint32_t creator_pid;
+    uint64_t total_size;
+    uint32_t ndata_rings;
+    uint32_t nclasses;
+    uint32_t max_actors;
+    uint32_t total_chunks;
+    uint64_t actors_off;
+    uint64_t chunks_off;
+    uint64_t ring_off[UPIPE_MAX_RINGS];
+    struct upipe_class classes[UPIPE_MAX_CLASSES];
+    uint8_t pad_ro[1024 - 72 - 8 * UPIPE_MAX_RINGS - 32 * UPIPE_MAX_CLASSES];
+    /* recovery */
+    _Atomic uint32_t recovery_owner;    /* tag of the actor running recovery, 0 if none */
+    _Atomic uint32_t pad_r;
+    _Atomic uint64_t recoveries;        /* dead actors recovered */
+    _Atomic uint64_t reclaimed_chunks;  /* chunks taken back from dead actors */
+    _Atomic uint64_t lost_leases;       /* of those, received items that were not finished */
+    uint8_t reserved[UPIPE_HEADER_SIZE - 1024 - 32];
+};
+
+_Static_assert(sizeof(struct upipe_header) == UPIPE_HEADER_SIZE, "header is 4 KiB");
+_Static_assert(offsetof(struct upipe_header, recovery_owner) == 1024, "recovery block at 1 KiB");
+_Static_assert(sizeof(struct upipe_slot) == UPIPE_SLOT_HEADER, "slot header is 32 B");
+_Static_assert(offsetof(struct upipe_ring, head) % 128 == 0, "head on its own 2 x 64 B");
+_Static_assert(offsetof(struct upipe_ring, tail) % 128 == 0, "tail on its own 2 x 64 B");
+_Static_assert(offsetof(struct upipe_ring, not_empty) % 128 == 0, "not_empty on its own 2 x 64 B");
+_Static_assert(offsetof(struct upipe_ring, not_full) % 128 == 0, "not_full on its own 2 x 64 B");
+_Static_assert(offsetof(struct upipe_ring, closed) % 128 == 0, "rare block on its own 2 x 64 B");
+_Static_assert(sizeof(struct upipe_ring) == 768, "ring header is 6 x 128 B");
+_Static_assert(sizeof(struct upipe_rec) == 32, "rec is 32 B");
+_Static_assert(sizeof(struct upipe_actor) == 64 + 32 * UPIPE_RECS_PER_ACTOR, "actor size");
+_Static_assert(sizeof(struct upipe_chunk) == 8, "chunk header is 8 B");
+
+#endif /* UPIPE_LAYOUT_H */

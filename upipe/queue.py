@@ -1,0 +1,695 @@
+"""``upipe.Queue``: a bounded multi-producer multi-consumer queue in shared memory.
+
+It has the names and the behaviour of :class:`queue.Queue` (``put``/``get`` with ``block`` and
+``timeout``, ``put_nowait``/``get_nowait``, ``qsize``/``empty``/``full``) and of
+:class:`asyncio.Queue` (``await put_async``/``get_async``), works across processes, and moves
+payloads through shared memory instead of pipes. See docs/api.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from array import array
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import aio, codec
+from .errors import Closed, Empty, Full, MessageTooLarge, NotOwner, UpipeError
+from .segment import (
+    EAGAIN,
+    EBADMSG,
+    EINTR,
+    EMSGSIZE,
+    ENOBUFS,
+    ENOENT,
+    EPIPE,
+    ETIMEDOUT,
+    WAIT_CHUNK,
+    WAIT_READABLE,
+    WAIT_WRITABLE,
+    Segment,
+    SegmentConfig,
+)
+
+KiB = 1 << 10
+MiB = 1 << 20
+DEFAULT_MAXSIZE = 1024
+DEFAULT_MAX_BYTES = 64 * MiB
+DEFAULT_SLOT_SIZE = 128
+DEFAULT_SPIN = 20e-6
+MAX_CLASSES = 8
+TOKEN_PREFIX = "upipe-queue:1:"
+
+__all__ = ["Queue", "QueueStatistics"]
+
+
+@dataclass(frozen=True)
+class QueueStatistics:
+    """A snapshot of a queue, shared by every attached process.
+
+    ``lost_items`` counts items a consumer took and never finished because it died: taken
+    mid-``get`` (an inline item), or held as a zero-copy view when it died (``lost_leases``).
+    ``aborted_puts`` counts puts a producer died in the middle of (nothing was delivered).
+    """
+
+    maxsize: int
+    qsize: int
+    closed: bool
+    inline_max: int
+    max_message_size: int
+    chunk_classes: tuple[tuple[int, int, int], ...]  # (chunk bytes, chunks, free chunks)
+    attached_processes: int
+    recoveries: int
+    reclaimed_chunks: int
+    lost_items: int
+    lost_leases: int
+    aborted_puts: int
+    segment_bytes: int
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if timeout < 0 or math.isnan(timeout):
+        raise ValueError("'timeout' must be a non-negative number")
+    return float(timeout)
+
+
+def plan_chunks(
+    max_bytes: int,
+    max_message_size: int | None,
+    chunk_sizes: Sequence[int] | Mapping[int, int] | None,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Size classes and chunk counts for a queue's pool of ``max_bytes``.
+
+    Default classes go from 4 KiB up in steps of 16x to ``max_message_size`` (default: a quarter
+    of ``max_bytes``, at most 16 MiB); the budget is split evenly between classes. An explicit
+    ``{size: count}`` mapping is taken as is.
+    """
+    if isinstance(chunk_sizes, Mapping):
+        pairs = sorted((int(s), int(c)) for s, c in chunk_sizes.items())
+        sizes = [s for s, _ in pairs]
+        counts = [c for _, c in pairs]
+        if any(c < 1 for c in counts):
+            raise ValueError(f"chunk_sizes: every count must be >= 1, got {dict(pairs)}")
+    else:
+        if chunk_sizes is None:
+            top = max_message_size if max_message_size is not None else min(16 * MiB, max_bytes // 4)
+            top = max(top, 4 * KiB)
+            sizes = []
+            size = 4 * KiB
+            while size < top and len(sizes) < MAX_CLASSES - 1:
+                sizes.append(size)
+                size *= 16
+            sizes.append(top)
+        else:
+            sizes = sorted(int(s) for s in chunk_sizes)
+        share = max_bytes // max(1, len(sizes))
+        counts = [max(1, share // s) if s else 0 for s in sizes]
+    if not sizes:
+        return (), ()
+    if len(sizes) > MAX_CLASSES:
+        raise ValueError(f"chunk_sizes: at most {MAX_CLASSES} size classes, got {len(sizes)}")
+    if len(set(sizes)) != len(sizes) or sizes[0] < 64:
+        raise ValueError(f"chunk_sizes must be distinct sizes of at least 64 bytes, got {sizes}")
+    rounded = [(s + 63) // 64 * 64 for s in sizes]
+    if max_message_size is not None and rounded[-1] < max_message_size:
+        raise ValueError(
+            f"max_message_size={max_message_size} is larger than the largest chunk size "
+            f"{rounded[-1]}: add a larger entry to chunk_sizes"
+        )
+    return tuple(rounded), tuple(counts)
+
+
+class _PendingPut:
+    """One item on its way in: encoded once, then tried until it fits (no re-encode, no re-copy)."""
+
+    __slots__ = ("q", "enc", "chunk", "lease", "klass")
+
+    def __init__(self, q: Queue, obj: Any) -> None:
+        self.q = q
+        self.enc = codec.encode(obj, q._seg.inline_max)
+        self.chunk = -1
+        self.lease = None
+        self.klass = -1
+        enc = self.enc
+        if enc.nbytes + len(enc.meta) <= q._seg.inline_max:
+            return
+        if enc.nbytes > q._max_message_size:
+            raise MessageTooLarge(
+                f"item of {enc.nbytes} bytes is larger than this queue's max_message_size of "
+                f"{q._max_message_size} bytes: create the Queue with a larger max_message_size "
+                "(and max_bytes to hold it)"
+            )
+        if len(enc.parts) == 1:
+            chunk, at_start = q._seg.chunk_of(enc.parts[0], enc.nbytes)
+            if chunk >= 0 and at_start:
+                lease = q._seg.lease_of(chunk)
+                if lease is None or not Segment.lease_is_held(lease):
+                    raise NotOwner(
+                        "this buffer's chunk was already put or released (a put moves a "
+                        "zero-copy buffer into the queue): put a copy instead, e.g. arr.copy()"
+                    )
+                self.lease = lease
+                self.chunk = chunk
+                return
+        self.klass = q._seg.class_for(enc.nbytes)
+
+    def attempt(self) -> tuple[int, int] | None:
+        """Try once. None when the item is in; else (what, arg) to wait for. Raises Closed."""
+        q, enc = self.q, self.enc
+        seg = q._seg
+        if self.chunk < 0 and self.klass < 0:
+            rc = seg.put_inline(enc.joined(), enc.kind, enc.meta)
+            if rc == 0:
+                return None
+            return self._failed(rc, (WAIT_WRITABLE, 0))
+        if self.chunk < 0:
+            chunk = seg.alloc(enc.nbytes)
+            if chunk < 0:
+                if chunk in (-ENOBUFS, -EAGAIN):
+                    return (WAIT_CHUNK, self.klass)
+                return self._failed(chunk, (WAIT_CHUNK, self.klass))
+            offset = 0
+            for part in enc.parts:
+                n = memoryview(part).nbytes
+                seg.copy_into_chunk(chunk, part, n, offset)
+                offset += n
+            self.chunk = chunk
+        rc = seg.put_chunk(self.chunk, enc.nbytes, enc.kind, enc.meta)
+        if rc == 0:
+            if self.lease is not None:
+                seg.mark_moved(self.lease)
+            self.chunk = -1
+            self.klass = -2  # done
+            return None
+        return self._failed(rc, (WAIT_WRITABLE, 0))
+
+    def _failed(self, rc: int, wait: tuple[int, int]) -> tuple[int, int]:
+        if rc == -ENOBUFS or rc == -EAGAIN:
+            return wait
+        self.abandon()
+        if rc == -EPIPE:
+            raise Closed("put on a closed queue")
+        if rc == -EMSGSIZE:
+            raise MessageTooLarge(f"item of {self.enc.nbytes} bytes does not fit this queue")
+        raise UpipeError(f"put failed: {os.strerror(-rc)}")
+
+    def abandon(self) -> None:
+        """Give back a chunk allocated for a copy that never went in."""
+        if self.chunk >= 0 and self.lease is None:
+            self.q._seg.free_chunk(self.chunk)
+        self.chunk = -1
+
+
+class Queue:
+    """A bounded MPMC queue in shared memory, for threads, processes and asyncio alike.
+
+    :param maxsize: most items the queue holds (it is bounded: shared memory is reserved up front).
+    :param max_bytes: the pool for items that do not fit in a slot (larger than ``inline_max``,
+        about 96 bytes by default), reserved up front.
+    :param max_message_size: the largest item; default a quarter of ``max_bytes``, at most 16 MiB.
+    :param chunk_sizes: the pool's size classes, or a ``{size: count}`` mapping.
+    :param slot_size: bytes per slot (32 of them are the slot's header; the rest holds small items
+        inline, with no chunk at all).
+    :param spin: seconds a blocking call busy-waits before it sleeps on the futex.
+    :raises ShmExhausted: the memory could not be reserved.
+    """
+
+    def __init__(
+        self,
+        maxsize: int = DEFAULT_MAXSIZE,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        *,
+        max_message_size: int | None = None,
+        chunk_sizes: Sequence[int] | Mapping[int, int] | None = None,
+        slot_size: int = DEFAULT_SLOT_SIZE,
+        spin: float = DEFAULT_SPIN,
+    ) -> None:
+        if isinstance(maxsize, int) and not isinstance(maxsize, bool) and maxsize <= 0:
+            raise ValueError(
+                f"maxsize must be >= 1, got {maxsize}: a upipe Queue is bounded because its "
+                "shared memory is reserved up front (queue.Queue's maxsize=0 means unbounded)"
+            )
+        _check_positive_int("maxsize", maxsize)
+        _check_positive_int("max_bytes", max_bytes)
+        _check_positive_int("slot_size", slot_size)
+        if slot_size < 64 or slot_size > 65536 or slot_size % 8:
+            raise ValueError(f"slot_size must be a multiple of 8 in [64, 65536], got {slot_size}")
+        if max_message_size is not None:
+            _check_positive_int("max_message_size", max_message_size)
+            if max_message_size > max_bytes:
+                raise ValueError(
+                    f"max_message_size={max_message_size} is larger than max_bytes={max_bytes}: "
+                    "raise max_bytes"
+                )
+        if maxsize > 1 << 30:
+            raise ValueError(f"maxsize must be at most {1 << 30}, got {maxsize}")
+        sizes, counts = plan_chunks(max_bytes, max_message_size, chunk_sizes)
+        capacity = 2
+        while capacity < maxsize:
+            capacity *= 2
+        config = SegmentConfig(capacity, maxsize, slot_size, sizes, counts)
+        self._setup(Segment.create(config), maxsize, spin)
+
+    def _setup(self, seg: Segment, maxsize: int, spin: float) -> None:
+        self._seg = seg
+        self._maxsize = maxsize
+        self._spin = spin
+        seg.set_spin(spin)
+        self._inline_max = seg.inline_max
+        sizes = seg.config.chunk_sizes
+        self._max_message_size = sizes[-1] if sizes else seg.inline_max
+        self._put_fast = seg.put_bytes_fast()
+        self._closed_locally = False
+
+    # -- sharing with other processes ---------------------------------------------------------
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing.reduction import DupFd
+
+        memfd, efd_data, efd_space = self._seg.fds()
+        return (
+            _rebuild_queue,
+            (DupFd(memfd), DupFd(efd_data), DupFd(efd_space), self._seg.config, self._maxsize,
+             self._spin),
+        )
+
+    def export(self) -> tuple[str, tuple[int, int, int]]:
+        """A token and the fds a ``subprocess`` child needs to attach with :meth:`attach`.
+
+        Pass the fds with ``subprocess.Popen(..., pass_fds=fds)`` and the token by argument or
+        environment variable; the child calls ``upipe.Queue.attach(token)``.
+        """
+        fds = self._seg.fds()
+        c = self._seg.config
+        sizes = ",".join(f"{s}x{n}" for s, n in zip(c.chunk_sizes, c.nchunks, strict=True))
+        token = (
+            f"{TOKEN_PREFIX}{fds[0]}:{fds[1]}:{fds[2]}:{self._maxsize}:{c.capacity}:"
+            f"{c.slot_size}:{sizes}"
+        )
+        return token, fds
+
+    @classmethod
+    def attach(cls, token: str, spin: float = DEFAULT_SPIN) -> Queue:
+        """Attach to a queue from :meth:`export`'s token, in a process that holds its fds."""
+        if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX):
+            raise ValueError(
+                f"not a upipe queue token: {token!r}; get one from Queue.export() in the parent"
+            )
+        try:
+            fields = token[len(TOKEN_PREFIX):].split(":")
+            memfd, efd_data, efd_space, maxsize, capacity, slot_size = map(int, fields[:6])
+            classes = [tuple(map(int, p.split("x"))) for p in fields[6].split(",") if p]
+        except (ValueError, IndexError) as exc:
+            raise ValueError(f"malformed upipe queue token: {token!r}") from exc
+        for fd in (memfd, efd_data, efd_space):
+            try:
+                os.fstat(fd)
+            except OSError:
+                raise UpipeError(
+                    f"fd {fd} of the queue token is not open in this process: the parent must "
+                    "pass the fds, e.g. subprocess.Popen(..., pass_fds=fds) with "
+                    "(token, fds) = queue.export()"
+                ) from None
+        config = SegmentConfig(
+            capacity, maxsize, slot_size, tuple(c[0] for c in classes), tuple(c[1] for c in classes)
+        )
+        q = cls.__new__(cls)
+        q._setup(Segment.attach(memfd, efd_data, efd_space, config), maxsize, spin)
+        return q
+
+    # -- sync face ----------------------------------------------------------------------------
+
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Put obj, waiting for room if ``block`` (up to ``timeout`` seconds).
+
+        :raises Full: no room (at once if not ``block``, else after ``timeout``).
+        :raises Closed: the queue is closed.
+        :raises MessageTooLarge: obj is larger than ``max_message_size``.
+        """
+        if obj.__class__ is bytes:
+            n = len(obj)
+            if n <= self._inline_max:
+                rc = self._put_fast(obj, n, 1, b"", 0)
+                if rc == 0:
+                    return
+                if rc != -ENOBUFS:
+                    if rc == -EPIPE:
+                        raise Closed("put on a closed queue")
+        timeout = _check_timeout(timeout) if block else None
+        pending = _PendingPut(self, obj)
+        deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
+        while True:
+            wait = pending.attempt()
+            if wait is None:
+                return
+            if not block:
+                pending.abandon()
+                raise Full("queue is full" if wait[0] == WAIT_WRITABLE else
+                           "queue's chunk pool is exhausted (raise max_bytes)")
+            if not self._block(wait, deadline):
+                wait = pending.attempt()
+                if wait is None:
+                    return
+                pending.abandon()
+                raise Full(f"queue still full after {timeout} s")
+
+    def put_nowait(self, obj: Any) -> None:
+        """``put(obj, block=False)``."""
+        self.put(obj, False)
+
+    def _block(self, wait: tuple[int, int], deadline: int | None) -> bool:
+        """Sleep until the condition may hold. False once the deadline has passed."""
+        what, arg = wait
+        while True:
+            rc = self._seg.wait(what, -1 if deadline is None else deadline, arg)
+            if rc == -ETIMEDOUT:
+                return False
+            if rc == -EINTR:
+                continue  # a signal handler ran (and did not raise): keep waiting
+            return True
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Remove and return an item, waiting for one if ``block`` (up to ``timeout`` seconds).
+
+        :raises Empty: no item (at once if not ``block``, else after ``timeout``).
+        :raises Closed: the queue is closed and drained.
+        """
+        rc, kind, meta, payload = self._seg.get()
+        if rc >= 0:
+            if kind == 1 and payload.__class__ is bytes:
+                return payload
+            return codec.decode(kind, meta, payload)
+        if rc == -EPIPE:
+            raise Closed("the queue is closed and drained")
+        if not block:
+            raise Empty("queue is empty")
+        timeout = _check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
+        while True:
+            waited = self._block((WAIT_READABLE, 0), deadline)
+            rc, kind, meta, payload = self._seg.get()
+            if rc >= 0:
+                return codec.decode(kind, meta, payload)
+            if rc == -EPIPE:
+                raise Closed("the queue is closed and drained")
+            if not waited:
+                raise Empty(f"no item within {timeout} s")
+
+    def get_nowait(self) -> Any:
+        """``get(block=False)``."""
+        return self.get(False)
+
+    def put_many(self, items: Iterable[Any], block: bool = True, timeout: float | None = None) -> None:
+        """Put every item, in order; runs of small ``bytes`` go in with one call each.
+
+        :raises Full: not everything fit in time; ``exc.count`` items went in (a prefix).
+        :raises Closed: the queue is closed.
+        """
+        items = items if isinstance(items, list) else list(items)
+        timeout = _check_timeout(timeout) if block else None
+        deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
+        done = 0
+        total = len(items)
+        inline_max = self._inline_max
+        while done < total:
+            # Gather a run of small bytes items.
+            end = done
+            while end < total and end - done < 4096:
+                it = items[end]
+                if it.__class__ is not bytes or len(it) > inline_max:
+                    break
+                end += 1
+            if end > done:
+                run = items[done:end]
+                rc = self._seg.put_many_inline(b"".join(run), array("I", map(len, run)), len(run), 1)
+                if rc > 0:
+                    done += rc
+                    continue
+                if rc == -EPIPE:
+                    raise Closed("put on a closed queue")
+                wait: tuple[int, int] | None = (WAIT_WRITABLE, 0)
+            else:
+                pending = _PendingPut(self, items[done])
+                wait = pending.attempt()
+                if wait is None:
+                    done += 1
+                    continue
+                pending.abandon()
+            if not block:
+                raise Full(f"queue is full after {done} of {total} items", count=done)
+            if not self._block(wait, deadline):
+                raise Full(f"queue still full after {timeout} s; {done} of {total} items put",
+                           count=done)
+
+    def get_many(self, max_items: int = 1024, block: bool = True,
+                 timeout: float | None = None) -> list[Any]:
+        """Remove and return 1 to ``max_items`` items, waiting (if ``block``) only for the first.
+
+        :raises Empty: no item (at once if not ``block``, else after ``timeout``).
+        :raises Closed: the queue is closed and drained.
+        """
+        _check_positive_int("max_items", max_items)
+        out: list[Any] = []
+        first = True
+        while len(out) < max_items:
+            rc, data, ends = self._seg.get_many_inline(codec.KIND_BYTES, max_items - len(out))
+            if rc > 0:
+                start = 0
+                for end in ends:
+                    out.append(data[start:end])
+                    start = end
+                first = False
+                continue
+            if rc == -EBADMSG:  # the next item is not a small bytes: take it the general way
+                out.append(self.get(False))
+                first = False
+                continue
+            if out:
+                return out
+            if first:
+                out.append(self.get(block, timeout))  # raises Empty / Closed
+                first = False
+                continue
+            break
+        return out
+
+    def qsize(self) -> int:
+        """Items in the queue now (a snapshot: others may be changing it)."""
+        return self._seg.count()
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+    def full(self) -> bool:
+        return self.qsize() >= self._maxsize
+
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @property
+    def inline_max(self) -> int:
+        """Items up to this many bytes travel inside the slot, with no chunk at all."""
+        return self._inline_max
+
+    @property
+    def max_message_size(self) -> int:
+        return self._max_message_size
+
+    @property
+    def closed(self) -> bool:
+        return self._seg.stats().closed
+
+    def close(self) -> None:
+        """End of stream, for every process: puts raise :class:`Closed` from now on; gets drain
+        what is left, then raise :class:`Closed`; ``async for`` / ``for`` loops end. Waiters in
+        every process wake. Idempotent.
+        """
+        self._seg.close()
+
+    def shutdown(self, immediate: bool = False) -> None:
+        """:meth:`close` (``asyncio.Queue.shutdown`` spelling); ``immediate`` also drops what is
+        queued."""
+        self.close()
+        if immediate:
+            try:
+                while True:
+                    self.get_nowait()
+            except (Empty, Closed):
+                pass
+
+    def __iter__(self) -> Iterator[Any]:
+        """Yield items until the queue is closed and drained."""
+        while True:
+            try:
+                yield self.get()
+            except Closed:
+                return
+
+    # -- zero copy ----------------------------------------------------------------------------
+
+    def alloc(self, nbytes: int) -> memoryview:
+        """A writable buffer of ``nbytes`` in shared memory; ``put`` of it moves no payload.
+
+        After the put it belongs to the queue: do not write it again. It is freed when the last
+        reference to it dies, or at once by :meth:`release`.
+
+        :raises MessageTooLarge: larger than ``max_message_size``.
+        :raises Full: no free chunk of that size (they are all in the queue or held).
+        """
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
+        chunk = self._seg.alloc(max(nbytes, 1))
+        if chunk == -EMSGSIZE:
+            raise MessageTooLarge(
+                f"alloc({nbytes}) is larger than max_message_size={self._max_message_size}: "
+                "create the Queue with a larger max_message_size"
+            )
+        if chunk < 0:
+            raise Full(
+                f"no free chunk of {nbytes} bytes: release buffers you hold or raise max_bytes"
+            )
+        return self._seg.lease_view(chunk, nbytes, readonly=False)
+
+    def alloc_array(self, shape: int | Sequence[int], dtype: Any = np.float64) -> np.ndarray:
+        """A writable ndarray in shared memory (see :meth:`alloc`)."""
+        dt = np.dtype(dtype)
+        if not codec.plain_dtype(dt):
+            raise ValueError(f"alloc_array needs a plain dtype (no objects or fields), got {dt}")
+        shp = (shape,) if isinstance(shape, int) else tuple(shape)
+        nbytes = int(np.prod(shp, dtype=np.int64)) * dt.itemsize
+        buf = self.alloc(nbytes)
+        return np.frombuffer(buf, dtype=dt).reshape(shp)
+
+    def release(self, obj: Any) -> None:
+        """Free the shared memory behind obj (from :meth:`alloc`, :meth:`alloc_array` or a get)
+        now, instead of when its last reference dies. Views of it must not be used afterwards
+        (they read recycled memory; they never crash).
+
+        :raises NotOwner: obj is not a buffer this process holds in this queue.
+        """
+        nbytes = memoryview(obj).nbytes if not isinstance(obj, np.ndarray) else obj.nbytes
+        chunk, _ = self._seg.chunk_of(obj, max(nbytes, 1))
+        lease = self._seg.lease_of(chunk) if chunk >= 0 else None
+        if lease is None or not self._seg.release_lease(lease):
+            raise NotOwner(
+                "release(): not a buffer this process holds in this queue (already put, "
+                "released, or not from alloc()/get())"
+            )
+
+    # -- async face ---------------------------------------------------------------------------
+
+    async def put_async(self, obj: Any, timeout: float | None = None) -> None:
+        """Put obj, waiting on the event loop for room. Cancel-safe: a cancelled put put nothing.
+
+        :raises Full: still no room after ``timeout`` seconds.
+        :raises Closed: the queue is closed.
+        """
+        timeout = _check_timeout(timeout)
+        pending = _PendingPut(self, obj)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                wait = pending.attempt()
+                if wait is None:
+                    return
+                if not await aio.wait_for_condition(self._seg, wait[0], deadline, wait[1]):
+                    if pending.attempt() is None:
+                        return
+                    raise Full(f"queue still full after {timeout} s")
+        finally:
+            pending.abandon()
+
+    async def get_async(self, timeout: float | None = None) -> Any:
+        """Remove and return an item, waiting on the event loop. Cancel-safe: a cancelled get
+        took nothing.
+
+        :raises Empty: no item within ``timeout`` seconds.
+        :raises Closed: the queue is closed and drained.
+        """
+        try:
+            return self.get(False)
+        except Empty:
+            pass
+        timeout = _check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._spin > 0 and self._seg.spin(WAIT_READABLE, min(self._spin, 10e-6)):
+            try:
+                return self.get(False)
+            except Empty:
+                pass
+        while True:
+            ok = await aio.wait_for_condition(self._seg, WAIT_READABLE, deadline)
+            try:
+                return self.get(False)
+            except Empty:
+                if not ok:
+                    raise Empty(f"no item within {timeout} s") from None
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                item = await self.get_async()
+            except Closed:
+                return
+            yield item
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def statistics(self) -> QueueStatistics:
+        st = self._seg.stats()
+        return QueueStatistics(
+            maxsize=self._maxsize, qsize=st.count, closed=st.closed, inline_max=st.inline_max,
+            max_message_size=self._max_message_size, chunk_classes=st.chunk_classes,
+            attached_processes=st.attached_processes, recoveries=st.recoveries,
+            reclaimed_chunks=st.reclaimed_chunks, lost_items=st.lost_items + st.lost_leases,
+            lost_leases=st.lost_leases, aborted_puts=st.aborted_puts,
+            segment_bytes=st.segment_bytes,
+        )
+
+    def recover(self) -> int:
+        """Repair what dead processes left half-done now (blocked calls do it by themselves every
+        0.1 s). Returns how many dead processes were found."""
+        return max(0, self._seg.recover())
+
+    def detach(self) -> None:
+        """Let go of the queue in this process (the shared memory goes with the last process)."""
+        self._seg.detach()
+
+    def __repr__(self) -> str:
+        return f"<upipe.Queue maxsize={self._maxsize} inline_max={self._inline_max}>"
+
+
+def _rebuild_queue(
+    memfd: Any, efd_data: Any, efd_space: Any, config: SegmentConfig, maxsize: int, spin: float
+) -> Queue:
+    fds = [memfd.detach(), efd_data.detach(), efd_space.detach()]
+    try:
+        q = Queue.__new__(Queue)
+        q._setup(Segment.attach(fds[0], fds[1], fds[2], config), maxsize, spin)
+        return q
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+

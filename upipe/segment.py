@@ -1,0 +1,411 @@
+"""One shared-memory segment, as seen from one process.
+
+Facts this module depends on:
+
+* The segment is an anonymous ``memfd`` (no name in ``/dev/shm``, so nothing can leak there); it
+  lives while any process maps it or holds its fd. Two eventfds travel with it: "data" (rung when
+  an item is published and an async consumer waits) and "space" (a slot or a chunk was freed and
+  an async producer waits). Eventfds are per-process fds, not shared memory: they reach another
+  process only by inheritance or fd passing, exactly like the memfd.
+* The C handle is reference counted. The :class:`Segment` holds one reference and every zero-copy
+  view holds one more (through its lease), so the mapping outlives every view: a view used after
+  ``release()`` reads recycled bytes, never unmapped memory.
+* A chunk has exactly one holder. ``put`` of a leased chunk moves it to the queue; the lease is
+  then spent and its views must not be written (they may be reused by the consumer's pool).
+* After ``fork()`` the child must not use the parent's process-table entry: every live segment
+  re-attaches in the child (``os.register_at_fork``), and leases do not cross the fork.
+
+This module and :mod:`upipe._ffi` are the only ones that touch ``ffi`` / ``lib``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import errors
+from ._ffi import ffi, lib, raise_for
+
+NO_CHUNK = 0xFFFFFFFF
+WAIT_READABLE = int(lib.UPIPE_WAIT_READABLE)
+WAIT_WRITABLE = int(lib.UPIPE_WAIT_WRITABLE)
+WAIT_CHUNK = int(lib.UPIPE_WAIT_CHUNK)
+MAX_CLASSES = int(lib.UPIPE_MAX_CLASSES)
+SLOT_HEADER = int(lib.UPIPE_SLOT_HEADER)
+MAX_ACTORS = int(lib.UPIPE_MAX_ACTORS)
+
+# Lease states.
+_HELD, _MOVED, _RELEASED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """What the creator asked for; enough for an attacher to rebuild its view."""
+
+    capacity: int
+    limit: int
+    slot_size: int
+    chunk_sizes: tuple[int, ...]
+    nchunks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SegmentStats:
+    capacity: int
+    count: int
+    closed: bool
+    inline_max: int
+    aborted_puts: int
+    lost_items: int
+    tombstones_skipped: int
+    recoveries: int
+    reclaimed_chunks: int
+    lost_leases: int
+    attached_processes: int
+    chunk_classes: tuple[tuple[int, int, int], ...]  # (chunk size, total, free)
+    segment_bytes: int
+
+
+class Lease:
+    """This process's hold on one chunk. Alive while any view of it is alive."""
+
+    __slots__ = ("chunk", "state", "__weakref__")
+
+    def __init__(self, chunk: int) -> None:
+        self.chunk = chunk
+        self.state = _HELD
+
+
+_live_segments: weakref.WeakSet[Segment] = weakref.WeakSet()
+
+
+def _reattach_all_after_fork() -> None:
+    for seg in list(_live_segments):
+        seg._reattach_in_child()
+
+
+os.register_at_fork(after_in_child=_reattach_all_after_fork)
+
+
+class Segment:
+    """A mapped upipe segment and this process's attachment to it."""
+
+    def __init__(self, handle: Any, config: SegmentConfig) -> None:
+        self._h = handle  # cdata owned through ffi.gc -> upipe_handle_unref
+        self.config = config
+        self.pid = os.getpid()
+        self._leases: dict[int, weakref.ref[Lease]] = {}
+        self._lock = threading.Lock()
+        self.inline_max = int(lib.upipe_inline_max(handle, 0))
+        self._get_buffers: list[tuple[Any, Any]] = []
+        self.fd_data = int(lib.upipe_fd(handle, 1))
+        self.fd_space = int(lib.upipe_fd(handle, 2))
+        _live_segments.add(self)
+
+    # -- creation and attachment ------------------------------------------------------------
+
+    @classmethod
+    def create(cls, config: SegmentConfig) -> Segment:
+        cfg = ffi.new("struct upipe_config *")
+        cfg.ndata_rings = 1
+        cfg.slot_size = config.slot_size
+        cfg.capacity = config.capacity
+        cfg.limit = config.limit
+        cfg.nclasses = len(config.chunk_sizes)
+        for i, (size, count) in enumerate(zip(config.chunk_sizes, config.nchunks, strict=True)):
+            cfg.chunk_size[i] = size
+            cfg.nchunks[i] = count
+        out = ffi.new("upipe_handle **")
+        rc = lib.upipe_create(cfg, out)
+        if rc < 0:
+            raise_for(rc, "creating the shared-memory segment")
+        return cls(ffi.gc(out[0], lib.upipe_handle_unref), config)
+
+    @classmethod
+    def attach(
+        cls, memfd: int, efd_data: int, efd_space: int, config: SegmentConfig,
+        timeout: float = 5.0,
+    ) -> Segment:
+        """Attach to a segment from its three fds (they are duplicated; the caller keeps its own)."""
+        out = ffi.new("upipe_handle **")
+        rc = lib.upipe_attach(memfd, efd_data, efd_space, int(timeout * 1e9), out)
+        if rc < 0:
+            raise_for(rc, "attaching to the shared-memory segment")
+        return cls(ffi.gc(out[0], lib.upipe_handle_unref), config)
+
+    def fds(self) -> tuple[int, int, int]:
+        """The memfd and the two eventfds, as this process numbers them."""
+        return (int(lib.upipe_fd(self._h, 0)), self.fd_data, self.fd_space)
+
+    def _reattach_in_child(self) -> None:
+        # The parent's handle names the parent's table entry: never unref it here (that would
+        # detach the parent). Its malloc'd struct is simply abandoned in the child.
+        old = self._h
+        if old is None:
+            return
+        out = ffi.new("upipe_handle **")
+        rc = lib.upipe_attach(
+            lib.upipe_fd(old, 0), lib.upipe_fd(old, 1), lib.upipe_fd(old, 2), int(5e9), out
+        )
+        ffi.gc(old, None)  # drop the destructor: unref would detach the parent's entry
+        if rc < 0:
+            self._h = None
+            return
+        self._h = ffi.gc(out[0], lib.upipe_handle_unref)
+        self.pid = os.getpid()
+        self._leases = {}
+        self._lock = threading.Lock()
+        self._get_buffers = []
+        self.fd_data = int(lib.upipe_fd(self._h, 1))
+        self.fd_space = int(lib.upipe_fd(self._h, 2))
+
+    def set_spin(self, seconds: float) -> None:
+        lib.upipe_set_spin(self._h, int(seconds * 1e9))
+
+    # -- items --------------------------------------------------------------------------------
+
+    def put_inline(self, data: Any, kind: int, meta: bytes = b"") -> int:
+        """Copy a small payload (bytes or any buffer) into a slot. Returns 0 or -errno."""
+        if data.__class__ is not bytes:
+            data = ffi.from_buffer(data)
+        return int(lib.upipe_put(self._h, 0, data, len(data), kind, meta, len(meta)))
+
+    def put_bytes_fast(self) -> Callable[[bytes, int, int, bytes, int], int]:
+        """The raw C put, for the queue's bytes fast path: f(data, len, kind, meta, meta_len)."""
+        h = self._h
+        put = lib.upipe_put
+
+        def fast(data: bytes, n: int, kind: int, meta: bytes, mlen: int) -> int:
+            return int(put(h, 0, data, n, kind, meta, mlen))
+
+        return fast
+
+    def put_many_inline(self, data: bytes, lens: Any, n: int, kind: int) -> int:
+        """Copy n small payloads, concatenated in data, lengths in lens (array('I'))."""
+        return int(lib.upipe_put_many(self._h, 0, data, ffi.from_buffer("uint32_t[]", lens), n, kind))
+
+    def put_chunk(self, chunk: int, nbytes: int, kind: int, meta: bytes) -> int:
+        return int(lib.upipe_put_chunk(self._h, 0, chunk, nbytes, kind, meta, len(meta)))
+
+    def get(self) -> tuple[int, int, bytes, Any]:
+        """Take one item: (rc, kind, meta, payload). rc < 0 is -errno and the rest is empty.
+
+        The payload is ``bytes`` for an inline item, or a :class:`Lease`-backed read-only
+        ``memoryview`` of the chunk for a chunk item.
+        """
+        try:
+            out, chunk_out = self._get_buffers.pop()
+        except IndexError:
+            out = ffi.new("char[]", self.inline_max)
+            chunk_out = ffi.new("uint32_t *")
+        try:
+            rc = int(lib.upipe_get(self._h, 0, out, self.inline_max, chunk_out))
+            if rc < 0:
+                return rc, 0, b"", None
+            n = rc & 0xFFFFFFFF
+            mlen = (rc >> 32) & 0xFFFF
+            kind = rc >> 48
+            chunk = chunk_out[0]
+            if chunk == NO_CHUNK:
+                raw = ffi.unpack(out, mlen + n)
+                if mlen:
+                    return rc, kind, raw[:mlen], raw[mlen:]
+                return rc, kind, b"", raw
+            meta = ffi.unpack(out, mlen) if mlen else b""
+            return rc, kind, meta, self.lease_view(chunk, n, readonly=True)
+        finally:
+            self._get_buffers.append((out, chunk_out))
+
+    def get_many_inline(self, kind: int, max_items: int) -> tuple[int, bytes, list[int]]:
+        """Take a run of up to max_items inline items of this kind: (rc, joined data, ends)."""
+        cap = max(1, min(max_items, 4096))
+        out = ffi.new("char[]", cap * self.inline_max)
+        ends = ffi.new("uint32_t[]", cap)
+        rc = int(lib.upipe_get_many(self._h, 0, kind, out, cap * self.inline_max, ends, cap))
+        if rc <= 0:
+            return rc, b"", []
+        ends_list: list[int] = ffi.unpack(ends, rc)
+        return rc, ffi.unpack(out, ends_list[-1]), ends_list
+
+    # -- chunks -------------------------------------------------------------------------------
+
+    def alloc(self, nbytes: int) -> int:
+        """Take a free chunk of at least nbytes: its id, or -errno (-ENOBUFS, -EMSGSIZE)."""
+        out = ffi.new("uint32_t *")
+        rc = int(lib.upipe_alloc(self._h, nbytes, out))
+        return rc if rc < 0 else int(out[0])
+
+    def class_for(self, nbytes: int) -> int:
+        return int(lib.upipe_class_for(self._h, nbytes))
+
+    def lease_view(self, chunk: int, nbytes: int, readonly: bool) -> memoryview:
+        """A view of the first nbytes of a chunk this process holds; frees it when unreferenced."""
+        lease = Lease(chunk)
+        ptr = lib.upipe_chunk_ptr(self._h, chunk)
+        seg = self
+
+        def done(_ptr: Any, lease: Lease = lease) -> None:
+            # Runs when the last view is gone. The closure keeps the segment (the mapping)
+            # alive until then.
+            if lease.state == _HELD:
+                lease.state = _RELEASED
+                if seg._h is not None and seg.pid == os.getpid():
+                    lib.upipe_free(seg._h, lease.chunk)
+            ref = seg._leases.get(lease.chunk)
+            if ref is not None and ref() is None:
+                seg._leases.pop(lease.chunk, None)
+
+        owned = ffi.gc(ptr, done, size=max(nbytes, 1))
+        view = memoryview(ffi.buffer(owned, nbytes))
+        self._leases[chunk] = weakref.ref(lease)
+        return view.toreadonly() if readonly else view
+
+    def chunk_of(self, obj: Any, nbytes: int) -> tuple[int, bool]:
+        """(chunk id, starts at the chunk's first byte) for a buffer inside this segment, else
+        (-1, False)."""
+        if not self._leases:
+            return -1, False
+        try:
+            ptr = ffi.from_buffer(obj)
+        except TypeError:
+            return -1, False
+        chunk = int(lib.upipe_chunk_of(self._h, ptr, nbytes))
+        if chunk < 0:
+            return -1, False
+        start = lib.upipe_chunk_ptr(self._h, chunk)
+        return chunk, ffi.cast("uintptr_t", ptr) == ffi.cast("uintptr_t", start)
+
+    def lease_of(self, chunk: int) -> Lease | None:
+        ref = self._leases.get(chunk)
+        lease = ref() if ref is not None else None
+        return lease
+
+    def mark_moved(self, lease: Lease) -> None:
+        lease.state = _MOVED
+
+    def release_lease(self, lease: Lease) -> bool:
+        """Free the chunk now. False if the lease was already spent."""
+        if lease.state != _HELD:
+            return False
+        lease.state = _RELEASED
+        rc = int(lib.upipe_free(self._h, lease.chunk))
+        if rc < 0:
+            raise_for(rc, "releasing a chunk")
+        return True
+
+    @staticmethod
+    def lease_is_held(lease: Lease) -> bool:
+        return lease.state == _HELD
+
+    def free_chunk(self, chunk: int) -> None:
+        lib.upipe_free(self._h, chunk)
+
+    def copy_into_chunk(self, chunk: int, data: Any, nbytes: int, offset: int = 0) -> None:
+        dst = lib.upipe_chunk_ptr(self._h, chunk) + offset
+        if nbytes:
+            ffi.memmove(dst, data, nbytes)
+
+    def chunk_buffer(self, chunk: int, nbytes: int) -> Any:
+        """A writable buffer over a chunk, not leased (the caller manages the chunk)."""
+        return ffi.buffer(lib.upipe_chunk_ptr(self._h, chunk), nbytes)
+
+    # -- waiting ------------------------------------------------------------------------------
+
+    def spin(self, what: int, seconds: float, arg: int = 0) -> bool:
+        """Busy-wait (GIL held, loop blocked) up to seconds for the condition; True if it holds."""
+        return bool(lib.upipe_spin(self._h, arg, what, int(seconds * 1e9)) > 0)
+
+    def wait(self, what: int, deadline_ns: int, arg: int = 0) -> int:
+        """Block (GIL released) until the condition may hold; 0, -ETIMEDOUT or -EINTR."""
+        return int(lib.upipe_wait(self._h, arg, what, deadline_ns))
+
+    def async_waiter(self, what: int, delta: int, arg: int = 0) -> bool:
+        return bool(lib.upipe_async_waiter(self._h, arg, what, delta) > 0)
+
+    def ready(self, what: int, arg: int = 0) -> bool:
+        return bool(lib.upipe_ready(self._h, arg, what) > 0)
+
+    def async_waiters(self, what: int, arg: int = 0) -> int:
+        return int(lib.upipe_async_waiters(self._h, arg, what))
+
+    def kick(self, what: int, arg: int = 0) -> None:
+        lib.upipe_async_kick(self._h, arg, what)
+
+    # -- control ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        rc = int(lib.upipe_close(self._h, 0))
+        if rc < 0:
+            raise_for(rc, "closing the queue")
+
+    def recover(self) -> int:
+        return int(lib.upipe_recover(self._h))
+
+    def stats(self) -> SegmentStats:
+        st = ffi.new("struct upipe_stats *")
+        rc = int(lib.upipe_stats(self._h, 0, st))
+        if rc < 0:
+            raise_for(rc, "reading statistics")
+        classes = tuple(
+            (int(st.class_size[i]), int(st.class_total[i]), int(st.class_free[i]))
+            for i in range(st.nclasses)
+        )
+        return SegmentStats(
+            capacity=int(st.capacity), count=int(st.count), closed=bool(st.closed),
+            inline_max=int(st.inline_max), aborted_puts=int(st.aborted_puts),
+            lost_items=int(st.lost_items), tombstones_skipped=int(st.tombstones_skipped),
+            recoveries=int(st.recoveries), reclaimed_chunks=int(st.reclaimed_chunks),
+            lost_leases=int(st.lost_leases), attached_processes=int(st.actors),
+            chunk_classes=classes, segment_bytes=int(st.segment_size),
+        )
+
+    def count(self) -> int:
+        st = ffi.new("struct upipe_stats *")
+        lib.upipe_stats(self._h, 0, st)
+        return int(st.count)
+
+    def detach(self) -> None:
+        """Drop this object's reference; the mapping goes when the last view does."""
+        h, self._h = self._h, None
+        _live_segments.discard(self)
+        if h is not None:
+            ffi.release(h)
+
+
+def segment_size(config: SegmentConfig) -> int:
+    cfg = ffi.new("struct upipe_config *")
+    cfg.ndata_rings = 1
+    cfg.slot_size = config.slot_size
+    cfg.capacity = config.capacity
+    cfg.limit = config.limit
+    cfg.nclasses = len(config.chunk_sizes)
+    for i, (size, count) in enumerate(zip(config.chunk_sizes, config.nchunks, strict=True)):
+        cfg.chunk_size[i] = size
+        cfg.nchunks[i] = count
+    rc = int(lib.upipe_segment_size(cfg))
+    if rc < 0:
+        raise errors.UpipeError(f"invalid queue geometry: {config}")
+    return rc
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether recovery would consider this pid alive (zombies are dead)."""
+    return bool(lib.upipe_pid_alive(pid, 0))
+
+
+def layout_offsets() -> dict[str, int]:
+    """The compiled offsets of the shared structures, by name (checked against docs/layout.md)."""
+    out = {}
+    for i in range(int(lib.upipe_layout_count())):
+        name = ffi.string(lib.upipe_layout_name(i)).decode()
+        out[name] = int(lib.upipe_layout_offset(name.encode()))
+    return out
+
+
+ENOBUFS, ENOENT, EAGAIN, EPIPE = errno.ENOBUFS, errno.ENOENT, errno.EAGAIN, errno.EPIPE
+EMSGSIZE, EBADMSG, ETIMEDOUT, EINTR = errno.EMSGSIZE, errno.EBADMSG, errno.ETIMEDOUT, errno.EINTR
