@@ -54,6 +54,7 @@ struct upipe_handle {
     _Atomic int refs;
     _Atomic int64_t last_busy_recover_ns;
     int64_t spin_ns;
+    int detached; /* upipe_detach_now ran: the table entry is no longer ours */
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -514,13 +515,31 @@ void upipe_handle_unref(upipe_handle *h)
         return;
     /* Last reference in this process: no lease, no view, no operation is left. Hand back any
      * chunk still held (a buffer from alloc() that was never put) and leave the table. */
-    if (h->actor) {
+    if (h->actor && !h->detached) {
         for (uint32_t c = 0; c < h->hdr->total_chunks; c++)
             if (UPIPE_LOAD_RELAXED(&chunk_hdr(h, c)->owner) == h->tag)
                 free_chunk_from(h, c, h->tag);
         UPIPE_STORE_RELEASE(&h->actor->pid, 0);
     }
     handle_destroy(h);
+}
+
+int upipe_detach_now(upipe_handle *h)
+{
+    /* The process is exiting without running finalizers (os._exit in multiprocessing children):
+     * give back what it holds and leave the table now, so this is not mistaken for a crash.
+     * Lease destructors that still run later find their chunks freed (-EPERM) and do nothing. */
+    if (!h->actor || h->detached)
+        return 0;
+    int freed = 0;
+    for (uint32_t c = 0; c < h->hdr->total_chunks; c++)
+        if (UPIPE_LOAD_RELAXED(&chunk_hdr(h, c)->owner) == h->tag)
+            freed += free_chunk_from(h, c, h->tag) == 0;
+    if (UPIPE_LOAD_ACQUIRE(&h->recs_busy) != 0)
+        return freed; /* another thread is mid-operation: leave the entry to recovery */
+    h->detached = 1;
+    UPIPE_STORE_RELEASE(&h->actor->pid, 0);
+    return freed;
 }
 
 int upipe_fd(upipe_handle *h, int which)
@@ -871,6 +890,18 @@ int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
         ec_signal(h, &r->not_full, 1);
         return (int64_t)(((uint64_t)kind << 48) | ((uint64_t)meta_len << 32) | len);
     }
+}
+
+int64_t upipe_put_bytes(upipe_handle *h, const char *data, uint32_t len)
+{
+    return upipe_put(h, 0, data, len, UPIPE_KIND_BYTES, NULL, 0);
+}
+
+int64_t upipe_get_bytes(upipe_handle *h, uint32_t outcap, char *out)
+{
+    uint32_t end;
+    int64_t rc = upipe_get_many(h, 0, UPIPE_KIND_BYTES, out, outcap, &end, 1);
+    return rc == 1 ? (int64_t)end : rc;
 }
 
 int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,

@@ -1,6 +1,7 @@
 /* The cffi view of upipe.h (out-of-line API mode: cffi checks every line against upipe.h when it
  * compiles the module). Only the public API: the shared structs stay opaque to Python. */
 #define UPIPE_ABI_VERSION ...
+#define UPIPE_KIND_BYTES ...
 #define UPIPE_MAX_CLASSES ...
 #define UPIPE_MAX_DATA_RINGS ...
 #define UPIPE_MAX_ACTORS ...
@@ -38,6 +39,8 @@ int upipe_create(const struct upipe_config *cfg, upipe_handle **out);
 int upipe_attach(int memfd, int efd_data, int efd_space, int64_t timeout_ns, upipe_handle **out);
 void upipe_handle_ref(upipe_handle *h);
 void upipe_handle_unref(upipe_handle *h);
+/* Leave the process table now (exit without finalizers); returns chunks handed back. */
+int upipe_detach_now(upipe_handle *h);
 int upipe_fd(upipe_handle *h, int which);
 uint8_t *upipe_base(upipe_handle *h);
 uint32_t upipe_inline_max(upipe_handle *h, uint32_t ring);
@@ -53,6 +56,11 @@ int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
                   uint32_t *chunk_out);
 int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
                        uint64_t outcap, uint32_t *ends, uint32_t maxn);
+/* The bytes fast paths: ring 0, kind UPIPE_KIND_BYTES, inline, no meta; the fewest arguments
+ * cffi has to convert. upipe_get_bytes returns the length, or -EBADMSG (nothing taken) when the
+ * next item is of another shape. */
+int64_t upipe_put_bytes(upipe_handle *h, const char *data, uint32_t len);
+int64_t upipe_get_bytes(upipe_handle *h, uint32_t outcap, char *out);
 int64_t upipe_alloc(upipe_handle *h, uint64_t nbytes, uint32_t *chunk_out);
 int upipe_free(upipe_handle *h, uint32_t chunk);
 uint8_t *upipe_chunk_ptr(upipe_handle *h, uint32_t chunk);

@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #define UPIPE_ABI_VERSION 1
+#define UPIPE_KIND_BYTES 1
 
 typedef struct upipe_handle upipe_handle;
 
@@ -55,6 +56,8 @@ int upipe_attach(int memfd, int efd_data, int efd_space, int64_t timeout_ns, upi
 /* Handles are reference counted: each live lease holds one, so the mapping outlives every view. */
 void upipe_handle_ref(upipe_handle *h);
 void upipe_handle_unref(upipe_handle *h);
+/* Leave the process table now (exit without finalizers); returns chunks handed back. */
+int upipe_detach_now(upipe_handle *h);
 /* fd 0: the memfd; 1: eventfd rung for data; 2: eventfd rung for space (ring slots, free chunks). */
 int upipe_fd(upipe_handle *h, int which);
 uint8_t *upipe_base(upipe_handle *h);
@@ -77,6 +80,11 @@ int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
  * another shape (use upipe_get for it). */
 int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
                        uint64_t outcap, uint32_t *ends, uint32_t maxn);
+/* The bytes fast paths: ring 0, kind UPIPE_KIND_BYTES, inline, no meta; the fewest arguments
+ * cffi has to convert. upipe_get_bytes returns the length, or -EBADMSG (nothing taken) when the
+ * next item is of another shape. */
+int64_t upipe_put_bytes(upipe_handle *h, const char *data, uint32_t len);
+int64_t upipe_get_bytes(upipe_handle *h, uint32_t outcap, char *out);
 int64_t upipe_alloc(upipe_handle *h, uint64_t nbytes, uint32_t *chunk_out);
 int upipe_free(upipe_handle *h, uint32_t chunk);
 uint8_t *upipe_chunk_ptr(upipe_handle *h, uint32_t chunk);

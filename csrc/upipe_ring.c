@@ -39,8 +39,8 @@ uint32_t upipe_ring_claim_prod(struct upipe_ring *r, uint32_t n, enum upipe_ring
         uint32_t k = 0;
         int stale = 0;
         /* maxsize below the power-of-two capacity: never hold more than limit items. */
-        uint64_t used = p - UPIPE_LOAD_ACQUIRE(&r->tail);
-        uint64_t room = used >= r->limit ? 0 : r->limit - used;
+        int64_t used = (int64_t)(p - UPIPE_LOAD_ACQUIRE(&r->tail));
+        uint64_t room = used >= (int64_t)r->limit ? 0 : r->limit - (uint64_t)(used < 0 ? 0 : used);
         uint32_t m = n > room ? (uint32_t)room : n;
         while (k < m) {
             uint64_t want = p + k;
@@ -147,6 +147,8 @@ int upipe_ring_writable(struct upipe_ring *r)
         return 1;
     for (;;) {
         uint64_t h = UPIPE_LOAD_SEQCST(&r->head);
+        if ((int64_t)(h - UPIPE_LOAD_SEQCST(&r->tail)) >= (int64_t)r->limit)
+            return 0; /* at maxsize, whatever the slots say */
         uint64_t seq = UPIPE_LOAD_SEQCST(&upipe_ring_slot(r, h)->seq);
         if ((int64_t)(seq - h) <= 0)
             return seq == h;

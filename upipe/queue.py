@@ -156,18 +156,16 @@ class _PendingPut:
                 f"{q._max_message_size} bytes: create the Queue with a larger max_message_size "
                 "(and max_bytes to hold it)"
             )
-        if len(enc.parts) == 1:
-            chunk, at_start = q._seg.chunk_of(enc.parts[0], enc.nbytes)
-            if chunk >= 0 and at_start:
-                lease = q._seg.lease_of(chunk)
-                if lease is None or not Segment.lease_is_held(lease):
-                    raise NotOwner(
-                        "this buffer's chunk was already put or released (a put moves a "
-                        "zero-copy buffer into the queue): put a copy instead, e.g. arr.copy()"
-                    )
-                self.lease = lease
-                self.chunk = chunk
-                return
+        lease = q._seg.lease_for(obj)
+        if lease is not None and len(enc.parts) == 1 and q._seg.starts_chunk(enc.parts[0], lease):
+            if not Segment.lease_is_held(lease):
+                raise NotOwner(
+                    "this buffer's chunk was already put or released (a put moves a "
+                    "zero-copy buffer into the queue): put a copy instead, e.g. arr.copy()"
+                )
+            self.lease = lease
+            self.chunk = lease.chunk
+            return
         self.klass = q._seg.class_for(enc.nbytes)
 
     def attempt(self) -> tuple[int, int] | None:
@@ -275,8 +273,13 @@ class Queue:
         self._inline_max = seg.inline_max
         sizes = seg.config.chunk_sizes
         self._max_message_size = sizes[-1] if sizes else seg.inline_max
-        self._put_fast = seg.put_bytes_fast()
-        self._closed_locally = False
+        self._bufs: list[tuple[Any, Any]] = []
+        self._bind_fast_paths()
+        seg.on_reattach(self._bind_fast_paths)
+
+    def _bind_fast_paths(self) -> None:
+        self._put_b, self._get_b = self._seg.bytes_fast_paths()
+        self._bufs = []
 
     # -- sharing with other processes ---------------------------------------------------------
 
@@ -343,15 +346,12 @@ class Queue:
         :raises Closed: the queue is closed.
         :raises MessageTooLarge: obj is larger than ``max_message_size``.
         """
-        if obj.__class__ is bytes:
-            n = len(obj)
-            if n <= self._inline_max:
-                rc = self._put_fast(obj, n, 1, b"", 0)
-                if rc == 0:
-                    return
-                if rc != -ENOBUFS:
-                    if rc == -EPIPE:
-                        raise Closed("put on a closed queue")
+        if obj.__class__ is bytes and len(obj) <= self._inline_max:
+            rc = self._put_b(obj, len(obj))
+            if rc == 0:
+                return
+            if rc == -EPIPE:
+                raise Closed("put on a closed queue")
         timeout = _check_timeout(timeout) if block else None
         pending = _PendingPut(self, obj)
         deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
@@ -383,7 +383,8 @@ class Queue:
                 return False
             if rc == -EINTR:
                 continue  # a signal handler ran (and did not raise): keep waiting
-            return True
+            # Ready, or a recovery slice. Past the deadline the caller makes one last try.
+            return deadline is None or time.monotonic_ns() < deadline
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return an item, waiting for one if ``block`` (up to ``timeout`` seconds).
@@ -391,11 +392,23 @@ class Queue:
         :raises Empty: no item (at once if not ``block``, else after ``timeout``).
         :raises Closed: the queue is closed and drained.
         """
-        rc, kind, meta, payload = self._seg.get()
-        if rc >= 0:
-            if kind == 1 and payload.__class__ is bytes:
-                return payload
-            return codec.decode(kind, meta, payload)
+        bufs = self._bufs  # one private out-buffer per concurrent caller: threads may share a queue
+        try:
+            out, view = bufs.pop()
+        except IndexError:
+            out, view = self._seg.new_out_buffer()
+        n = self._get_b(out)
+        if n >= 0:
+            data = view[0:n]
+            bufs.append((out, view))
+            return data
+        bufs.append((out, view))
+        if n == -EBADMSG:
+            rc, kind, meta, payload = self._seg.get()
+            if rc >= 0:
+                return codec.decode(kind, meta, payload)
+        else:
+            rc = n
         if rc == -EPIPE:
             raise Closed("the queue is closed and drained")
         if not block:
@@ -406,6 +419,8 @@ class Queue:
             waited = self._block((WAIT_READABLE, 0), deadline)
             rc, kind, meta, payload = self._seg.get()
             if rc >= 0:
+                if kind == codec.KIND_BYTES and payload.__class__ is bytes:
+                    return payload
                 return codec.decode(kind, meta, payload)
             if rc == -EPIPE:
                 raise Closed("the queue is closed and drained")
@@ -585,9 +600,7 @@ class Queue:
 
         :raises NotOwner: obj is not a buffer this process holds in this queue.
         """
-        nbytes = memoryview(obj).nbytes if not isinstance(obj, np.ndarray) else obj.nbytes
-        chunk, _ = self._seg.chunk_of(obj, max(nbytes, 1))
-        lease = self._seg.lease_of(chunk) if chunk >= 0 else None
+        lease = self._seg.lease_for(obj)
         if lease is None or not self._seg.release_lease(lease):
             raise NotOwner(
                 "release(): not a buffer this process holds in this queue (already put, "
@@ -673,11 +686,18 @@ class Queue:
         return max(0, self._seg.recover())
 
     def detach(self) -> None:
-        """Let go of the queue in this process (the shared memory goes with the last process)."""
+        """Let go of the queue in this process (the shared memory goes with the last process).
+        Using the queue afterwards raises :class:`UpipeError`."""
+        self._put_b = self._get_b = _detached
+        self._bufs = []
         self._seg.detach()
 
     def __repr__(self) -> str:
         return f"<upipe.Queue maxsize={self._maxsize} inline_max={self._inline_max}>"
+
+
+def _detached(*_: Any) -> int:
+    raise UpipeError("this Queue was detached from this process")
 
 
 def _rebuild_queue(

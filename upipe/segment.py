@@ -21,12 +21,16 @@ This module and :mod:`upipe._ffi` are the only ones that touch ``ffi`` / ``lib``
 from __future__ import annotations
 
 import errno
+import functools
+import multiprocessing.util
 import os
 import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from . import errors
 from ._ffi import ffi, lib, raise_for
@@ -92,6 +96,31 @@ def _reattach_all_after_fork() -> None:
 os.register_at_fork(after_in_child=_reattach_all_after_fork)
 
 
+def _detach_all_at_exit() -> None:
+    """multiprocessing children leave with os._exit, skipping finalizers: leave the process
+    tables cleanly first, so a normal exit is not recovered (and counted) as a crash."""
+    for seg in list(_live_segments):
+        if seg._h is not None and seg.pid == os.getpid():
+            lib.upipe_detach_now(seg._h)
+
+
+class _ExitHookAnchor:
+    pass
+
+
+_exit_anchor = _ExitHookAnchor()
+
+
+def _install_exit_hook(_: object = None) -> None:
+    # exitpriority >= 0: multiprocessing's _exit_function runs it before os._exit. The finalizer
+    # registry is cleared in every new child, so an after-fork hook installs it again.
+    multiprocessing.util.Finalize(None, _detach_all_at_exit, exitpriority=0)
+
+
+_install_exit_hook()
+multiprocessing.util.register_after_fork(_exit_anchor, _install_exit_hook)
+
+
 class Segment:
     """A mapped upipe segment and this process's attachment to it."""
 
@@ -99,10 +128,11 @@ class Segment:
         self._h = handle  # cdata owned through ffi.gc -> upipe_handle_unref
         self.config = config
         self.pid = os.getpid()
-        self._leases: dict[int, weakref.ref[Lease]] = {}
+        self._leases: dict[int, Lease] = {}
         self._lock = threading.Lock()
         self.inline_max = int(lib.upipe_inline_max(handle, 0))
         self._get_buffers: list[tuple[Any, Any]] = []
+        self._reattach_callbacks: list[weakref.WeakMethod[Callable[[], None]]] = []
         self.fd_data = int(lib.upipe_fd(handle, 1))
         self.fd_space = int(lib.upipe_fd(handle, 2))
         _live_segments.add(self)
@@ -163,6 +193,10 @@ class Segment:
         self._get_buffers = []
         self.fd_data = int(lib.upipe_fd(self._h, 1))
         self.fd_space = int(lib.upipe_fd(self._h, 2))
+        for ref in self._reattach_callbacks:
+            cb = ref()
+            if cb is not None:
+                cb()
 
     def set_spin(self, seconds: float) -> None:
         lib.upipe_set_spin(self._h, int(seconds * 1e9))
@@ -175,15 +209,26 @@ class Segment:
             data = ffi.from_buffer(data)
         return int(lib.upipe_put(self._h, 0, data, len(data), kind, meta, len(meta)))
 
-    def put_bytes_fast(self) -> Callable[[bytes, int, int, bytes, int], int]:
-        """The raw C put, for the queue's bytes fast path: f(data, len, kind, meta, meta_len)."""
-        h = self._h
-        put = lib.upipe_put
+    def bytes_fast_paths(self) -> tuple[Callable[[bytes, int], int], Callable[[Any], int]]:
+        """The C calls behind the queue's small-``bytes`` fast path, with the handle bound:
+        ``put(data, len) -> 0 | -errno`` and ``get(out) -> len | -errno`` (out from
+        :meth:`new_out_buffer`; -EBADMSG means the next item needs the general path).
+        Bound to this process's attachment: fetch them again after :meth:`on_reattach` fires.
+        """
+        return (
+            functools.partial(lib.upipe_put_bytes, self._h),
+            functools.partial(lib.upipe_get_bytes, self._h, self.inline_max),
+        )
 
-        def fast(data: bytes, n: int, kind: int, meta: bytes, mlen: int) -> int:
-            return int(put(h, 0, data, n, kind, meta, mlen))
+    def new_out_buffer(self) -> tuple[Any, Any]:
+        """(out, view): a private inline-sized buffer for one thread's get, and a bytes view
+        whose slices copy out of it."""
+        out = ffi.new("char[]", self.inline_max)
+        return out, ffi.buffer(out)
 
-        return fast
+    def on_reattach(self, callback: Callable[[], None]) -> None:
+        """Call back (weakly held bound method) after this segment re-attached in a fork child."""
+        self._reattach_callbacks.append(weakref.WeakMethod(callback))  # type: ignore[arg-type]
 
     def put_many_inline(self, data: bytes, lens: Any, n: int, kind: int) -> int:
         """Copy n small payloads, concatenated in data, lengths in lens (array('I'))."""
@@ -248,6 +293,7 @@ class Segment:
         lease = Lease(chunk)
         ptr = lib.upipe_chunk_ptr(self._h, chunk)
         seg = self
+        key: list[int] = []
 
         def done(_ptr: Any, lease: Lease = lease) -> None:
             # Runs when the last view is gone. The closure keeps the segment (the mapping)
@@ -256,34 +302,41 @@ class Segment:
                 lease.state = _RELEASED
                 if seg._h is not None and seg.pid == os.getpid():
                     lib.upipe_free(seg._h, lease.chunk)
-            ref = seg._leases.get(lease.chunk)
-            if ref is not None and ref() is None:
-                seg._leases.pop(lease.chunk, None)
+            seg._leases.pop(key[0], None)
 
         owned = ffi.gc(ptr, done, size=max(nbytes, 1))
-        view = memoryview(ffi.buffer(owned, nbytes))
-        self._leases[chunk] = weakref.ref(lease)
+        exporter = ffi.buffer(owned, nbytes)
+        # Keyed by the exporter's id: it is unique while the exporter lives, and done() (which
+        # runs when the exporter dies) removes the entry.
+        key.append(id(exporter))
+        self._leases[key[0]] = lease
+        view = memoryview(exporter)
         return view.toreadonly() if readonly else view
 
-    def chunk_of(self, obj: Any, nbytes: int) -> tuple[int, bool]:
-        """(chunk id, starts at the chunk's first byte) for a buffer inside this segment, else
-        (-1, False)."""
+    def lease_for(self, obj: Any) -> Lease | None:
+        """The lease behind a view this module handed out (or a view/array made from one)."""
         if not self._leases:
-            return -1, False
+            return None
+        o = obj
+        for _ in range(16):
+            if isinstance(o, memoryview):
+                o = o.obj
+            elif isinstance(o, np.ndarray):
+                if o.base is None:
+                    return None
+                o = o.base
+            else:
+                break
+        return self._leases.get(id(o))
+
+    def starts_chunk(self, obj: Any, lease: Lease) -> bool:
+        """Whether obj's first byte is its chunk's first byte (a descriptor has no offset)."""
         try:
             ptr = ffi.from_buffer(obj)
         except TypeError:
-            return -1, False
-        chunk = int(lib.upipe_chunk_of(self._h, ptr, nbytes))
-        if chunk < 0:
-            return -1, False
-        start = lib.upipe_chunk_ptr(self._h, chunk)
-        return chunk, ffi.cast("uintptr_t", ptr) == ffi.cast("uintptr_t", start)
-
-    def lease_of(self, chunk: int) -> Lease | None:
-        ref = self._leases.get(chunk)
-        lease = ref() if ref is not None else None
-        return lease
+            return False
+        start = lib.upipe_chunk_ptr(self._h, lease.chunk)
+        return bool(ffi.cast("uintptr_t", ptr) == ffi.cast("uintptr_t", start))
 
     def mark_moved(self, lease: Lease) -> None:
         lease.state = _MOVED

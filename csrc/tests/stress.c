@@ -1,0 +1,1329 @@
+/*
+ * stress.c - threaded stress test of the upipe C API (csrc/upipe.h), built and run by run.sh in
+ * three configurations (plain -O2, ASan+UBSan, TSan).
+ *
+ *   stress [FILTER...]     run every variant whose name contains one of the FILTERs (all if none)
+ *
+ * Environment:
+ *   UPIPE_STRESS_ITERS    items per variant, split over its producers (default 24000;
+ *                         12000 under ASan, 5000 under TSan)
+ *   UPIPE_STRESS_TIMEOUT  seconds one variant may take before it fails (default 30; 120 TSan)
+ *   UPIPE_STRESS_SEED     seed of the per-thread PRNGs (default: from the clock; printed on failure)
+ *   UPIPE_STRESS_VERBOSE  1: a line per variant
+ *
+ * Exit status: 0 pass, 1 fail, 77 skip (the platform lacks memfd/futex). Prints nothing but the
+ * summary line unless something fails.
+ *
+ * One stress body (run_variant) is parametrized, DPDK test_ring_stress style, by a table of
+ * "redefinable functions" (struct ops: send/recv) per mode, and by the thread topology:
+ *   mode   inline  upipe_put / upipe_get            (every third item carries 8 B of meta)
+ *          bulk    upipe_put_many / upipe_get_many  (bursts of 1..16; partial bursts retried)
+ *          chunk   upipe_alloc + write upipe_chunk_ptr + upipe_put_chunk; upipe_get + verify +
+ *                  upipe_free (three size classes, few chunks, so producers wait for chunks)
+ *          mixed   all of the above interleaved; consumers use get_many and fall back to get on
+ *                  -EBADMSG (exercises get_many's shape check under concurrency)
+ *   topology SPSC 1x1, MPSC 3x1, MPMC 2x2 (producers x consumers), capacity 64 or 2 (wrap-around
+ *          every other item), optionally a thread calling upipe_recover + upipe_stats in a loop,
+ *          a second handle for the consumers (upipe_attach, as another process would; not under
+ *          TSan, which cannot see two mappings of one page as the same memory), close() while
+ *          everything runs, maxsize (limit) below the capacity, and spin 0 (every wait goes to the
+ *          futex) to catch lost wakeups.
+ *
+ * Every item carries a stamp (producer, seq, length, kind, how it was sent, meta length, FNV-1a
+ * checksum of the whole payload) and a body derived from (producer, seq). Consumers check the
+ * checksum and body, that each producer's seqs arrive strictly increasing (per consumer), and
+ * mark a per-producer "seen" byte; the end checks that every item sent was received exactly once,
+ * that the ring is empty, every chunk is back in its pool and no recovery counter moved.
+ * Blocking uses upipe_wait on -ENOBUFS / -ENOENT / -EAGAIN with the variant's deadline, and a
+ * SIGALRM watchdog backs that up: the test can fail, never hang.
+ *
+ * ---------------------------------------------------------------------------------------------
+ * Litmus outcomes the stress checks (jcstress / Disruptor style). P = producer, C = consumer.
+ *
+ * L1 publication (message passing): P writes the payload, then stamp and seq = pos + 1 (release);
+ *    C loads seq (acquire), then reads the payload.
+ *      ACCEPTABLE  C sees seq != pos + 1: -ENOENT / -EAGAIN, nothing read.
+ *      ACCEPTABLE  C sees seq == pos + 1 and the complete payload P wrote.
+ *      FORBIDDEN   C sees seq == pos + 1 and a stale or partial payload (checksum / body check).
+ * L2 slot reuse: C reads the payload, then seq = pos + capacity (release); P loads it (acquire)
+ *    before overwriting the slot on the next lap.
+ *      FORBIDDEN   P's next-lap write is visible to a C still reading that slot (checksum; with
+ *                  capacity 2 every slot is reused every other item).
+ * L3 claims: CAS on head / tail.
+ *      FORBIDDEN   two consumers take the same position (item seen twice).
+ *      FORBIDDEN   a position is skipped (item never seen).
+ *      FORBIDDEN   C sees producer p's seq s after p's seq s' > s (per-producer FIFO).
+ * L4 close: close() sets closed (seq_cst); put re-checks closed after its claim and turns a late
+ *    claim into a tombstone; get reads closed before its claim.
+ *      ACCEPTABLE  put racing close returns 0 and the item is received, or returns -EPIPE and
+ *                  it is not.
+ *      FORBIDDEN   put returned 0 (put_many: k) and the item is never received.
+ *      FORBIDDEN   put returned -EPIPE and the item is received anyway.
+ *      FORBIDDEN   get returned -EPIPE and a later get returns an item.
+ * L5 doorbell (Dekker, F0 in docs/futex.md): the waiter increments sync_waiters then re-checks
+ *    the ring; the waker publishes, fences, then reads sync_waiters.
+ *      ACCEPTABLE  waiter sees the item on its re-check; or waker sees the waiter and wakes it.
+ *      FORBIDDEN   both miss: the waiter sleeps until its 100 ms recovery slice (wakeup_*
+ *                  variants count waits that end after >= 90 ms while the peer is busy).
+ * L6 chunk ownership: exactly one holder. FORBIDDEN: a received chunk not held by the receiving
+ *    handle, a chunk left held or missing from its pool at the end.
+ * ---------------------------------------------------------------------------------------------
+ */
+#define _GNU_SOURCE
+#include "upipe.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifdef __SANITIZE_THREAD__
+#define UNDER_TSAN 1
+#endif
+#ifdef __SANITIZE_ADDRESS__
+#define UNDER_ASAN 1
+#endif
+#if defined(__has_feature)
+#if !defined(UNDER_TSAN) && __has_feature(thread_sanitizer)
+#define UNDER_TSAN 1
+#endif
+#if !defined(UNDER_ASAN) && __has_feature(address_sanitizer)
+#define UNDER_ASAN 1
+#endif
+#endif
+
+#ifdef UNDER_TSAN
+#define DEFAULT_ITERS 5000
+#define DEFAULT_TIMEOUT_S 120
+#elif defined(UNDER_ASAN)
+#define DEFAULT_ITERS 12000
+#define DEFAULT_TIMEOUT_S 30
+#else
+#define DEFAULT_ITERS 24000
+#define DEFAULT_TIMEOUT_S 30
+#endif
+
+#define EXIT_PASS 0
+#define EXIT_FAIL 1
+#define EXIT_SKIP 77
+
+#define MAX_PROD 4
+#define MAX_CONS 4
+#define MAX_BURST 16     /* put_many: 1..16 items */
+#define MAX_GET_BURST 64 /* get_many: 1..64 items */
+#define KIND_TOMBSTONE 0xFFFFu /* reserved by the C core (upipe_layout.h) */
+#define KIND_SINGLE 8
+#define KIND_BULK 7
+#define KIND_CHUNK 9
+#define SLOT_SIZE 256
+#define SLOW_WAIT_NS (90 * 1000 * 1000LL) /* the core's recovery slice is 100 ms */
+#define CLOSE_ROUNDS 32
+#define MAX_SLOW_WAITS 2                  /* wakeup_* variants: tolerated scheduler hiccups */
+
+static const uint64_t CHUNK_SIZES[3] = {128, 1024, 4096};
+static const uint32_t CHUNK_COUNTS[3] = {4, 4, 4};
+
+/* ------------------------------------------------------------------------------------------ */
+/* helpers                                                                                    */
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void sleep_ns(int64_t ns)
+{
+    struct timespec ts = {(time_t)(ns / 1000000000LL), (long)(ns % 1000000000LL)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+static uint64_t splitmix(uint64_t x)
+{
+    x += 0x9E3779B97F4A7C15ULL;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+
+static uint64_t rnd(uint64_t *s)
+{
+    *s = splitmix(*s);
+    return *s;
+}
+
+static uint64_t item_key(uint32_t prod, uint64_t seq)
+{
+    return splitmix(((uint64_t)prod << 48) ^ seq ^ 0x5EEDULL);
+}
+
+static uint32_t fnv_update(uint32_t h, const uint8_t *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 16777619u;
+    }
+    return h;
+}
+
+static uint64_t env_u64(const char *name, uint64_t dflt)
+{
+    const char *s = getenv(name);
+    if (!s || !*s)
+        return dflt;
+    char *end;
+    unsigned long long v = strtoull(s, &end, 0);
+    return (*end == 0 && v > 0) ? (uint64_t)v : dflt;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* items                                                                                      */
+
+enum how { HOW_SINGLE = 1, HOW_BULK = 2, HOW_CHUNK = 3 };
+
+struct stamp {
+    uint32_t prod;
+    uint32_t len; /* payload bytes, stamp included */
+    uint64_t seq;
+    uint16_t kind;
+    uint8_t how;
+    uint8_t meta_len;
+    uint32_t csum; /* FNV-1a of the payload with this field zero */
+};
+#define STAMP_SIZE ((uint32_t)sizeof(struct stamp))
+_Static_assert(sizeof(struct stamp) == 24, "stamp is 24 B");
+#define CSUM_OFF offsetof(struct stamp, csum)
+
+static uint8_t body_byte(uint64_t key, uint32_t i)
+{
+    return (uint8_t)((uint8_t)(key >> ((i & 7u) << 3)) ^ (uint8_t)(i >> 3));
+}
+
+static uint32_t payload_csum(const uint8_t *p, uint32_t len)
+{
+    static const uint8_t zero[4];
+    uint32_t h = fnv_update(2166136261u, p, CSUM_OFF);
+    h = fnv_update(h, zero, 4);
+    return fnv_update(h, p + CSUM_OFF + 4, len - (CSUM_OFF + 4));
+}
+
+static void make_meta(uint8_t *meta, uint32_t prod, uint64_t seq, uint32_t meta_len)
+{
+    uint64_t k = ~item_key(prod, seq);
+    for (uint32_t i = 0; i < meta_len; i++)
+        meta[i] = (uint8_t)(k >> ((i & 7u) << 3)) ^ (uint8_t)i;
+}
+
+static void make_item(uint8_t *dst, uint32_t prod, uint64_t seq, uint32_t len, uint16_t kind,
+                      uint8_t how, uint8_t meta_len)
+{
+    struct stamp st = {prod, len, seq, kind, how, meta_len, 0};
+    memcpy(dst, &st, sizeof st);
+    uint64_t key = item_key(prod, seq);
+    for (uint32_t i = STAMP_SIZE; i < len; i++)
+        dst[i] = body_byte(key, i);
+    uint32_t cs = payload_csum(dst, len);
+    memcpy(dst + CSUM_OFF, &cs, sizeof cs);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* variants                                                                                   */
+
+enum mode { MODE_INLINE, MODE_BULK, MODE_CHUNK, MODE_MIXED };
+static const char *const MODE_NAMES[] = {"inline", "bulk", "chunk", "mixed"};
+
+struct variant {
+    const char *name;
+    enum mode mode;
+    int nprod, ncons;
+    uint64_t capacity;
+    uint64_t limit;  /* maxsize below capacity; 0: none */
+    int recoverer;   /* a thread calling upipe_recover / upipe_stats throughout */
+    int cross;       /* consumers (and the recoverer) use a second, attached handle */
+    int close_mid;   /* close() while producers and consumers are active */
+    int nospin;      /* upipe_set_spin(0): waits go straight to the futex; count slow wakeups */
+};
+
+static const struct variant VARIANTS[] = {
+    /* name                  mode         P  C  cap limit rec cross close nospin */
+    {"spsc_inline", MODE_INLINE, 1, 1, 64, 0, 0, 0, 0, 0},
+    {"mpsc_inline", MODE_INLINE, 3, 1, 64, 0, 0, 0, 0, 0},
+    {"mpmc_inline", MODE_INLINE, 2, 2, 64, 0, 0, 0, 0, 0},
+    {"spsc_bulk", MODE_BULK, 1, 1, 64, 0, 0, 0, 0, 0},
+    {"mpsc_bulk", MODE_BULK, 3, 1, 64, 0, 0, 0, 0, 0},
+    {"mpmc_bulk", MODE_BULK, 2, 2, 64, 0, 0, 0, 0, 0},
+    {"spsc_chunk", MODE_CHUNK, 1, 1, 64, 0, 0, 0, 0, 0},
+    {"mpsc_chunk", MODE_CHUNK, 3, 1, 64, 0, 0, 0, 0, 0},
+    {"mpmc_chunk", MODE_CHUNK, 2, 2, 64, 0, 0, 0, 0, 0},
+    {"mpmc_mixed", MODE_MIXED, 2, 2, 64, 0, 0, 0, 0, 0},
+    {"cap2_spsc_inline", MODE_INLINE, 1, 1, 2, 0, 0, 0, 0, 0},
+    {"cap2_mpmc_inline", MODE_INLINE, 2, 2, 2, 0, 0, 0, 0, 0},
+    {"cap2_mpmc_bulk", MODE_BULK, 2, 2, 2, 0, 0, 0, 0, 0},
+    {"cap4_mpmc_bulk", MODE_BULK, 2, 2, 4, 0, 0, 0, 0, 0},
+    {"cap2_mpsc_chunk", MODE_CHUNK, 3, 1, 2, 0, 0, 0, 0, 0},
+    {"cap2_mpmc_mixed", MODE_MIXED, 2, 2, 2, 0, 0, 0, 0, 0},
+    {"limit_mpmc_inline", MODE_INLINE, 2, 2, 16, 5, 0, 0, 0, 0},
+    {"recover_mpmc_inline", MODE_INLINE, 2, 2, 16, 0, 1, 0, 0, 0},
+    {"recover_mpmc_chunk", MODE_CHUNK, 2, 2, 16, 0, 1, 0, 0, 0},
+    {"recover_cross_mpmc_mixed", MODE_MIXED, 2, 2, 16, 0, 1, 1, 0, 0},
+    {"cross_mpmc_chunk", MODE_CHUNK, 2, 2, 16, 0, 0, 1, 0, 0},
+    {"close_mpmc_inline", MODE_INLINE, 2, 2, 8, 0, 0, 0, 1, 0},
+    {"close_mpsc_bulk", MODE_BULK, 3, 1, 8, 0, 0, 0, 1, 0},
+    {"close_mpmc_chunk", MODE_CHUNK, 2, 2, 8, 0, 0, 0, 1, 0},
+    {"close_cap2_mpmc_mixed", MODE_MIXED, 2, 2, 2, 0, 1, 0, 1, 0},
+    {"wakeup_spsc_inline", MODE_INLINE, 1, 1, 2, 0, 0, 0, 0, 1},
+    {"wakeup_mpmc_inline", MODE_INLINE, 2, 2, 4, 0, 0, 0, 0, 1},
+    {"wakeup_mpmc_chunk", MODE_CHUNK, 2, 2, 4, 0, 0, 0, 0, 1},
+};
+#define NVARIANTS (sizeof VARIANTS / sizeof VARIANTS[0])
+
+/* ------------------------------------------------------------------------------------------ */
+/* shared state of one run                                                                    */
+
+struct ctx {
+    const struct variant *v;
+    upipe_handle *hp; /* producers' handle */
+    upipe_handle *hc; /* consumers' handle (== hp unless cross) */
+    uint32_t inline_max;
+    uint64_t per_prod; /* items each producer sends (an upper bound when close_mid) */
+    int64_t deadline;
+    uint64_t seed;
+    _Atomic int go, stop, failed, producers_done;
+    _Atomic uint64_t received;
+    uint64_t close_at; /* close_mid: the consumer taking this many-th item closes the ring */
+    _Atomic int64_t t_close;
+    _Atomic uint64_t waits, slow_waits, recover_calls;
+    _Atomic uint8_t *seen[MAX_PROD];
+    /* written by producer i before it exits, read by main after the join */
+    uint64_t sent[MAX_PROD];
+    int end_rc[MAX_PROD];
+};
+
+static const char *volatile current_variant = "(startup)";
+static uint64_t global_seed;
+
+static void vfail(struct ctx *c, const char *fmt, va_list ap)
+{
+    int n = c ? atomic_fetch_add(&c->failed, 1) : 0;
+    if (n < 8) {
+        char buf[512];
+        vsnprintf(buf, sizeof buf, fmt, ap);
+        fprintf(stderr, "FAIL [%s seed=%" PRIu64 "]: %s\n", current_variant, global_seed, buf);
+    }
+    if (c) {
+        atomic_store(&c->stop, 1);
+        upipe_close(c->hp, 0); /* wakes every waiter, so the threads bail out promptly */
+    }
+}
+
+__attribute__((format(printf, 2, 3))) static void fail(struct ctx *c, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vfail(c, fmt, ap);
+    va_end(ap);
+}
+
+static const char *what_name(int what)
+{
+    return what == UPIPE_WAIT_READABLE ? "READABLE"
+           : what == UPIPE_WAIT_WRITABLE ? "WRITABLE"
+                                         : "CHUNK";
+}
+
+static void dump_stats(upipe_handle *h)
+{
+    struct upipe_stats st;
+    if (upipe_stats(h, 0, &st) != 0)
+        return;
+    fprintf(stderr,
+            "  ring0: cap=%" PRIu64 " count=%" PRIu64 " head=%" PRIu64 " tail=%" PRIu64
+            " closed=%u aborted=%" PRIu64 " lost=%" PRIu64 " tombs=%" PRIu64 " recov=%" PRIu64
+            "\n",
+            st.capacity, st.count, st.head, st.tail, st.closed, st.aborted_puts, st.lost_items,
+            st.tombstones_skipped, st.recoveries);
+    for (uint32_t i = 0; i < st.nclasses; i++)
+        fprintf(stderr, "  class%u: size=%" PRIu64 " free=%" PRIu64 "/%" PRIu64 "\n", i,
+                st.class_size[i], st.class_free[i], st.class_total[i]);
+}
+
+/*
+ * Block until the condition may hold. 0: re-try the operation. Negative: give up (the failure is
+ * recorded, or another thread already failed and asked everyone to stop).
+ */
+static int block(struct ctx *c, upipe_handle *h, uint32_t ring, int what, const char *who)
+{
+    for (;;) {
+        if (atomic_load(&c->stop))
+            return -ECANCELED;
+        int64_t t0 = now_ns();
+        if (t0 >= c->deadline) {
+            fail(c, "%s: variant deadline passed waiting for %s", who, what_name(what));
+            dump_stats(h);
+            return -ETIMEDOUT;
+        }
+        int rc = upipe_wait(h, ring, what, c->deadline);
+        int64_t dt = now_ns() - t0;
+        atomic_fetch_add_explicit(&c->waits, 1, memory_order_relaxed);
+        if (rc == 0) {
+            if (dt >= SLOW_WAIT_NS && !atomic_load(&c->producers_done))
+                atomic_fetch_add_explicit(&c->slow_waits, 1, memory_order_relaxed);
+            return 0;
+        }
+        if (rc == -EINTR)
+            continue;
+        if (rc == -ETIMEDOUT) {
+            fail(c, "%s: upipe_wait(%s) timed out at the variant deadline", who, what_name(what));
+            dump_stats(h);
+            return rc;
+        }
+        fail(c, "%s: upipe_wait(%s) returned %d", who, what_name(what), rc);
+        return rc;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* producers                                                                                  */
+
+struct prod {
+    struct ctx *c;
+    uint32_t id;
+    uint64_t rng;
+    uint8_t buf[MAX_BURST * SLOT_SIZE];
+    uint32_t lens[MAX_BURST];
+    uint8_t meta[16];
+    char who[32];
+};
+
+/* Inline length for an item with meta_len bytes of meta. */
+static uint32_t inline_len(struct prod *p, uint32_t meta_len)
+{
+    uint32_t max = p->c->inline_max - meta_len;
+    return STAMP_SIZE + (uint32_t)(rnd(&p->rng) % (max - STAMP_SIZE + 1));
+}
+
+/* Chunk length: a class at random, then a length inside it. */
+static uint32_t chunk_len(struct prod *p)
+{
+    uint32_t k = (uint32_t)(rnd(&p->rng) % 3);
+    uint64_t lo = k ? CHUNK_SIZES[k - 1] + 1 : STAMP_SIZE;
+    return (uint32_t)(lo + rnd(&p->rng) % (CHUNK_SIZES[k] - lo + 1));
+}
+
+/* The redefinable functions: each send returns how many items (from seq on) it sent (> 0), or
+ * -EPIPE (ring closed; nothing sent), or another negative value after recording a failure. */
+
+static int64_t send_single(struct prod *p, uint64_t seq, uint64_t left)
+{
+    (void)left;
+    struct ctx *c = p->c;
+    uint32_t ml = (seq % 3 == 0) ? 8 : 0;
+    uint32_t len = inline_len(p, ml);
+    make_item(p->buf, p->id, seq, len, KIND_SINGLE, HOW_SINGLE, (uint8_t)ml);
+    make_meta(p->meta, p->id, seq, ml);
+    for (;;) {
+        int64_t rc = upipe_put(c->hp, 0, (const char *)p->buf, len, KIND_SINGLE,
+                               ml ? (const char *)p->meta : NULL, (uint16_t)ml);
+        if (rc == 0)
+            return 1;
+        if (rc == -EPIPE)
+            return rc;
+        if (rc != -ENOBUFS) {
+            fail(c, "%s: upipe_put returned %" PRId64, p->who, rc);
+            return rc;
+        }
+        if ((rc = block(c, c->hp, 0, UPIPE_WAIT_WRITABLE, p->who)) < 0)
+            return rc;
+    }
+}
+
+static int64_t send_bulk(struct prod *p, uint64_t seq, uint64_t left)
+{
+    struct ctx *c = p->c;
+    uint32_t n = 1 + (uint32_t)(rnd(&p->rng) % MAX_BURST);
+    if (n > left)
+        n = (uint32_t)left;
+    uint64_t off = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        p->lens[i] = inline_len(p, 0);
+        make_item(p->buf + off, p->id, seq + i, p->lens[i], KIND_BULK, HOW_BULK, 0);
+        off += p->lens[i];
+    }
+    for (;;) {
+        int64_t rc = upipe_put_many(c->hp, 0, (const char *)p->buf, p->lens, n, KIND_BULK);
+        if (rc > 0) {
+            if (rc > n) {
+                fail(c, "%s: upipe_put_many(%u) returned %" PRId64, p->who, n, rc);
+                return -EPROTO;
+            }
+            return rc; /* a partial burst: the rest is rebuilt (maybe differently) next call */
+        }
+        if (rc == -EPIPE)
+            return rc;
+        if (rc != -ENOBUFS) {
+            fail(c, "%s: upipe_put_many returned %" PRId64, p->who, rc);
+            return rc < 0 ? rc : -EPROTO;
+        }
+        if ((rc = block(c, c->hp, 0, UPIPE_WAIT_WRITABLE, p->who)) < 0)
+            return rc;
+    }
+}
+
+static int64_t send_chunk(struct prod *p, uint64_t seq, uint64_t left)
+{
+    (void)left;
+    struct ctx *c = p->c;
+    upipe_handle *h = c->hp;
+    uint32_t len = chunk_len(p);
+    uint32_t ml = (seq % 3 == 1) ? 16 : 0;
+    uint32_t chunk = UINT32_MAX;
+    int64_t rc;
+    for (;;) {
+        rc = upipe_alloc(h, len, &chunk);
+        if (rc == 0)
+            break;
+        if (rc != -ENOBUFS && rc != -EAGAIN) {
+            fail(c, "%s: upipe_alloc(%u) returned %" PRId64, p->who, len, rc);
+            return rc;
+        }
+        int cls = upipe_class_for(h, len);
+        if (cls < 0) {
+            fail(c, "%s: upipe_class_for(%u) returned %d", p->who, len, cls);
+            return cls;
+        }
+        if ((rc = block(c, h, (uint32_t)cls, UPIPE_WAIT_CHUNK, p->who)) < 0)
+            return rc;
+    }
+    if (!upipe_chunk_held(h, chunk) || upipe_chunk_size(h, chunk) < (int64_t)len) {
+        fail(c, "%s: fresh chunk %u: held=%d size=%" PRId64 " for %u bytes", p->who, chunk,
+             upipe_chunk_held(h, chunk), upipe_chunk_size(h, chunk), len);
+        return -EPROTO;
+    }
+    uint8_t *ptr = upipe_chunk_ptr(h, chunk);
+    if (!ptr || upipe_chunk_of(h, ptr, len) != (int64_t)chunk) {
+        fail(c, "%s: chunk %u: ptr=%p chunk_of=%" PRId64, p->who, chunk, (void *)ptr,
+             ptr ? upipe_chunk_of(h, ptr, len) : -1);
+        return -EPROTO;
+    }
+    make_item(ptr, p->id, seq, len, KIND_CHUNK, HOW_CHUNK, (uint8_t)ml);
+    make_meta(p->meta, p->id, seq, ml);
+    for (;;) {
+        rc = upipe_put_chunk(h, 0, chunk, len, KIND_CHUNK, ml ? (const char *)p->meta : NULL,
+                             (uint16_t)ml);
+        if (rc == 0)
+            return 1;
+        if (rc != -ENOBUFS) {
+            if (rc != -EPIPE)
+                fail(c, "%s: upipe_put_chunk returned %" PRId64, p->who, rc);
+            break;
+        }
+        if ((rc = block(c, h, 0, UPIPE_WAIT_WRITABLE, p->who)) < 0)
+            break;
+    }
+    /* not sent: the chunk is still ours (-EPIPE says so) and goes back to its pool */
+    int frc = upipe_free(h, chunk);
+    if (frc != 0)
+        fail(c, "%s: upipe_free of an unsent chunk %u returned %d", p->who, chunk, frc);
+    return rc;
+}
+
+static int64_t send_mixed(struct prod *p, uint64_t seq, uint64_t left)
+{
+    switch (rnd(&p->rng) % 3) {
+    case 0:
+        return send_single(p, seq, left);
+    case 1:
+        return send_bulk(p, seq, left);
+    default:
+        return send_chunk(p, seq, left);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* consumers                                                                                  */
+
+struct cons {
+    struct ctx *c;
+    uint32_t id;
+    uint64_t rng;
+    uint64_t next[MAX_PROD]; /* smallest seq still acceptable from each producer */
+    uint64_t got;
+    uint32_t ends[MAX_GET_BURST];
+    uint8_t buf[MAX_GET_BURST * SLOT_SIZE];
+    char who[32];
+};
+
+/* Check one received item and mark it seen. Returns 0, or -EPROTO after recording a failure. */
+static int got_item(struct cons *cs, const uint8_t *payload, uint32_t len, uint16_t kind,
+                    const uint8_t *meta, uint32_t meta_len, int via_chunk)
+{
+    struct ctx *c = cs->c;
+    struct stamp st;
+    if (len < STAMP_SIZE) {
+        fail(c, "%s: item of %u bytes, shorter than a stamp", cs->who, len);
+        return -EPROTO;
+    }
+    memcpy(&st, payload, sizeof st);
+    if (st.prod >= (uint32_t)c->v->nprod || st.seq >= c->per_prod) {
+        fail(c, "%s: garbage stamp prod=%u seq=%" PRIu64, cs->who, st.prod, st.seq);
+        return -EPROTO;
+    }
+    if (st.len != len || payload_csum(payload, len) != st.csum) {
+        fail(c, "%s: p%u seq %" PRIu64 ": len %u (stamp %u), checksum %s", cs->who, st.prod,
+             st.seq, len, st.len, payload_csum(payload, len) == st.csum ? "ok" : "BAD");
+        return -EPROTO;
+    }
+    uint64_t key = item_key(st.prod, st.seq);
+    for (uint32_t i = STAMP_SIZE; i < len; i++) {
+        if (payload[i] != body_byte(key, i)) {
+            fail(c, "%s: p%u seq %" PRIu64 ": body byte %u differs", cs->who, st.prod, st.seq, i);
+            return -EPROTO;
+        }
+    }
+    int want_chunk = st.how == HOW_CHUNK;
+    if (st.kind != kind || st.meta_len != meta_len || want_chunk != via_chunk) {
+        fail(c, "%s: p%u seq %" PRIu64 ": kind %u/%u meta %u/%u chunk %d/%d (got/sent)", cs->who,
+             st.prod, st.seq, kind, st.kind, meta_len, st.meta_len, via_chunk, want_chunk);
+        return -EPROTO;
+    }
+    if (meta_len) {
+        uint8_t want[16];
+        make_meta(want, st.prod, st.seq, meta_len);
+        if (memcmp(want, meta, meta_len) != 0) {
+            fail(c, "%s: p%u seq %" PRIu64 ": meta differs", cs->who, st.prod, st.seq);
+            return -EPROTO;
+        }
+    }
+    if (st.seq < cs->next[st.prod]) {
+        fail(c, "%s: p%u seq %" PRIu64 " after seq %" PRIu64 " (per-producer order)", cs->who,
+             st.prod, st.seq, cs->next[st.prod] - 1);
+        return -EPROTO;
+    }
+    cs->next[st.prod] = st.seq + 1;
+    uint8_t before = atomic_fetch_add_explicit(&c->seen[st.prod][st.seq], 1, memory_order_relaxed);
+    if (before != 0) {
+        fail(c, "%s: p%u seq %" PRIu64 " received twice", cs->who, st.prod, st.seq);
+        return -EPROTO;
+    }
+    cs->got++;
+    uint64_t total = atomic_fetch_add_explicit(&c->received, 1, memory_order_relaxed) + 1;
+    if (c->v->close_mid && total == c->close_at) {
+        /* close from a consumer thread, mid-stream: every producer is still sending */
+        atomic_store(&c->t_close, now_ns());
+        upipe_close(c->hc, 0);
+    }
+    return 0;
+}
+
+/* Each recv returns the number of items taken (> 0), or the upipe error: -ENOENT / -EAGAIN
+ * (block and retry), -EPIPE (closed and drained), anything else is a failure. */
+
+static int64_t recv_one(struct cons *cs)
+{
+    struct ctx *c = cs->c;
+    upipe_handle *h = c->hc;
+    uint32_t chunk = 0xDEADBEEF;
+    int64_t rc = upipe_get(h, 0, (char *)cs->buf, c->inline_max, &chunk);
+    if (rc < 0)
+        return rc;
+    uint16_t kind = (uint16_t)((uint64_t)rc >> 48);
+    uint32_t ml = (uint32_t)(((uint64_t)rc >> 32) & 0xFFFF);
+    uint32_t len = (uint32_t)((uint64_t)rc & 0xFFFFFFFFu);
+    if (chunk == UINT32_MAX) {
+        if ((uint64_t)ml + len > c->inline_max) {
+            fail(c, "%s: inline item meta %u + len %u > %u", cs->who, ml, len, c->inline_max);
+            return -EPROTO;
+        }
+        return got_item(cs, cs->buf + ml, len, kind, cs->buf, ml, 0) == 0 ? 1 : -EPROTO;
+    }
+    if (!upipe_chunk_held(h, chunk) || (c->hp != h && upipe_chunk_held(c->hp, chunk))) {
+        fail(c, "%s: received chunk %u not held by the receiver (held=%d)", cs->who, chunk,
+             upipe_chunk_held(h, chunk));
+        return -EPROTO;
+    }
+    if (upipe_chunk_size(h, chunk) < (int64_t)len) {
+        fail(c, "%s: chunk %u of %" PRId64 " bytes carries %u", cs->who, chunk,
+             upipe_chunk_size(h, chunk), len);
+        return -EPROTO;
+    }
+    int ok = got_item(cs, upipe_chunk_ptr(h, chunk), len, kind, cs->buf, ml, 1) == 0;
+    int frc = upipe_free(h, chunk);
+    if (frc != 0) {
+        fail(c, "%s: upipe_free(%u) returned %d", cs->who, chunk, frc);
+        return -EPROTO;
+    }
+    /* A second free must be refused, but only a handle that never allocates can check that:
+     * on a shared handle a producer thread may already hold the chunk again (same tag). */
+    if (c->hp != h && upipe_free(h, chunk) != -EPERM) {
+        fail(c, "%s: second upipe_free(%u) did not say -EPERM", cs->who, chunk);
+        return -EPROTO;
+    }
+    return ok ? 1 : -EPROTO;
+}
+
+static int64_t recv_many(struct cons *cs)
+{
+    struct ctx *c = cs->c;
+    uint32_t maxn = 1 + (uint32_t)(rnd(&cs->rng) % MAX_GET_BURST);
+    int64_t rc = upipe_get_many(c->hc, 0, KIND_BULK, (char *)cs->buf, sizeof cs->buf, cs->ends,
+                                maxn);
+    if (rc <= 0)
+        return rc == 0 ? -EPROTO : rc;
+    if (rc > maxn) {
+        fail(c, "%s: upipe_get_many(maxn %u) returned %" PRId64, cs->who, maxn, rc);
+        return -EPROTO;
+    }
+    uint32_t start = 0;
+    for (int64_t i = 0; i < rc; i++) {
+        uint32_t end = cs->ends[i];
+        if (end < start || end > sizeof cs->buf) {
+            fail(c, "%s: get_many ends[%" PRId64 "] = %u after %u", cs->who, i, end, start);
+            return -EPROTO;
+        }
+        if (got_item(cs, cs->buf + start, end - start, KIND_BULK, NULL, 0, 0) != 0)
+            return -EPROTO;
+        start = end;
+    }
+    return rc;
+}
+
+static int64_t recv_mixed(struct cons *cs)
+{
+    if (rnd(&cs->rng) & 1) {
+        int64_t rc = recv_many(cs);
+        if (rc != -EBADMSG)
+            return rc;
+    }
+    return recv_one(cs);
+}
+
+struct ops {
+    int64_t (*send)(struct prod *, uint64_t seq, uint64_t left);
+    int64_t (*recv)(struct cons *);
+};
+
+static int64_t recv_bulk_only(struct cons *cs)
+{
+    int64_t rc = recv_many(cs);
+    if (rc == -EBADMSG)
+        fail(cs->c, "%s: get_many said -EBADMSG in a bulk-only ring", cs->who);
+    return rc;
+}
+
+static const struct ops OPS[] = {
+    [MODE_INLINE] = {send_single, recv_one},
+    [MODE_BULK] = {send_bulk, recv_bulk_only},
+    [MODE_CHUNK] = {send_chunk, recv_one},
+    [MODE_MIXED] = {send_mixed, recv_mixed},
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* threads                                                                                    */
+
+static void wait_for_go(struct ctx *c)
+{
+    while (!atomic_load_explicit(&c->go, memory_order_acquire))
+        sched_yield();
+}
+
+static void *producer_main(void *arg)
+{
+    struct prod *p = arg;
+    struct ctx *c = p->c;
+    const struct ops *ops = &OPS[c->v->mode];
+    uint64_t seq = 0;
+    int64_t rc = 0;
+    wait_for_go(c);
+    while (seq < c->per_prod && !atomic_load_explicit(&c->stop, memory_order_relaxed)) {
+        rc = ops->send(p, seq, c->per_prod - seq);
+        if (rc <= 0)
+            break;
+        seq += (uint64_t)rc;
+    }
+    if (rc == -EPIPE && !c->v->close_mid && !atomic_load(&c->stop))
+        fail(c, "%s: -EPIPE on a ring nobody closed", p->who);
+    if (rc == -EPIPE && c->v->close_mid) {
+        /* L4: after -EPIPE every put says -EPIPE */
+        int64_t again = upipe_put(c->hp, 0, "x", 1, KIND_SINGLE, NULL, 0);
+        if (again != -EPIPE)
+            fail(c, "%s: upipe_put after -EPIPE returned %" PRId64, p->who, again);
+    }
+    c->sent[p->id] = seq;
+    c->end_rc[p->id] = (int)(rc > 0 ? 0 : rc);
+    return NULL;
+}
+
+static void *consumer_main(void *arg)
+{
+    struct cons *cs = arg;
+    struct ctx *c = cs->c;
+    const struct ops *ops = &OPS[c->v->mode];
+    wait_for_go(c);
+    for (;;) {
+        int64_t rc = ops->recv(cs);
+        if (rc > 0)
+            continue;
+        if (rc == -EPIPE) {
+            /* L4: drained for good; nothing may come after -EPIPE */
+            int64_t again = recv_one(cs);
+            if (again != -EPIPE)
+                fail(c, "%s: get after -EPIPE returned %" PRId64, cs->who, again);
+            break;
+        }
+        if (rc != -ENOENT && rc != -EAGAIN) {
+            if (!atomic_load(&c->failed))
+                fail(c, "%s: recv returned %" PRId64, cs->who, rc);
+            break;
+        }
+        if (block(c, c->hc, 0, UPIPE_WAIT_READABLE, cs->who) < 0)
+            break;
+    }
+    return NULL;
+}
+
+static void *recoverer_main(void *arg)
+{
+    struct ctx *c = arg;
+    wait_for_go(c);
+    uint64_t n = 0;
+    while (!atomic_load(&c->stop)) {
+        upipe_handle *h = (n & 1) ? c->hc : c->hp;
+        int rc = upipe_recover(h);
+        if (rc != 0 && rc != -EBUSY) {
+            fail(c, "recoverer: upipe_recover returned %d with nobody dead", rc);
+            break;
+        }
+        struct upipe_stats st = {0};
+        rc = upipe_stats(h, 0, &st);
+        if (rc != 0 || st.recoveries || st.aborted_puts || st.lost_items || st.reclaimed_chunks ||
+            st.lost_leases || st.count > st.capacity) {
+            fail(c,
+                 "recoverer: stats rc=%d recoveries=%" PRIu64 " aborted=%" PRIu64
+                 " lost=%" PRIu64 " reclaimed=%" PRIu64 " count=%" PRIu64,
+                 rc, st.recoveries, st.aborted_puts, st.lost_items, st.reclaimed_chunks,
+                 st.count);
+            break;
+        }
+        n++;
+        if (n % 8 == 0)
+            sleep_ns(50 * 1000);
+        else
+            sched_yield();
+    }
+    atomic_store(&c->recover_calls, n);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* one variant                                                                                */
+
+static void make_config(struct upipe_config *cfg, uint64_t capacity, uint64_t limit)
+{
+    memset(cfg, 0, sizeof *cfg);
+    cfg->ndata_rings = 1;
+    cfg->slot_size = SLOT_SIZE;
+    cfg->capacity = capacity;
+    cfg->limit = limit;
+    cfg->nclasses = 3;
+    for (int i = 0; i < 3; i++) {
+        cfg->chunk_size[i] = CHUNK_SIZES[i];
+        cfg->nchunks[i] = CHUNK_COUNTS[i];
+    }
+}
+
+/* Poll (1 ms) until cond(c) or the deadline / a failure. */
+static int poll_until(struct ctx *c, int (*cond)(struct ctx *))
+{
+    while (!cond(c)) {
+        if (atomic_load(&c->failed))
+            return -1;
+        if (now_ns() >= c->deadline)
+            return -1;
+        sleep_ns(1000 * 1000);
+    }
+    return 0;
+}
+
+static uint64_t expected_total(struct ctx *c)
+{
+    return c->per_prod * (uint64_t)c->v->nprod;
+}
+
+static int all_received(struct ctx *c)
+{
+    return atomic_load(&c->received) >= expected_total(c);
+}
+
+/* After every thread is gone: the closed ring refuses everything and holds nothing. */
+static void check_closed_state(struct ctx *c)
+{
+    upipe_handle *h = c->hc;
+    uint8_t buf[MAX_BURST * SLOT_SIZE];
+    uint32_t ends[MAX_BURST], lens[1] = {STAMP_SIZE}, chunk;
+    int64_t rc;
+    if ((rc = upipe_get(h, 0, (char *)buf, c->inline_max, &chunk)) != -EPIPE)
+        fail(c, "closed+drained: upipe_get returned %" PRId64 " (an item nobody received?)", rc);
+    if ((rc = upipe_get_many(h, 0, KIND_BULK, (char *)buf, sizeof buf, ends, MAX_BURST)) !=
+        -EPIPE)
+        fail(c, "closed+drained: upipe_get_many returned %" PRId64, rc);
+    if ((rc = upipe_put(c->hp, 0, (const char *)buf, STAMP_SIZE, KIND_SINGLE, NULL, 0)) != -EPIPE)
+        fail(c, "closed: upipe_put returned %" PRId64, rc);
+    if ((rc = upipe_put_many(c->hp, 0, (const char *)buf, lens, 1, KIND_BULK)) != -EPIPE)
+        fail(c, "closed: upipe_put_many returned %" PRId64, rc);
+    if ((rc = upipe_alloc(c->hp, 64, &chunk)) != 0) {
+        fail(c, "closed: upipe_alloc returned %" PRId64 " with every chunk free", rc);
+    } else {
+        if ((rc = upipe_put_chunk(c->hp, 0, chunk, 64, KIND_CHUNK, NULL, 0)) != -EPIPE)
+            fail(c, "closed: upipe_put_chunk returned %" PRId64, rc);
+        if ((rc = upipe_free(c->hp, chunk)) != 0)
+            fail(c, "closed: upipe_free after a refused put_chunk returned %" PRId64, rc);
+    }
+    if (upipe_ready(h, 0, UPIPE_WAIT_READABLE) != 1 || upipe_ready(h, 0, UPIPE_WAIT_WRITABLE) != 1)
+        fail(c, "closed: upipe_ready should say 1 for both (closed wakes everyone)");
+    if ((rc = upipe_wait(h, 0, UPIPE_WAIT_READABLE, now_ns() + 1000 * 1000000LL)) != 0)
+        fail(c, "closed: upipe_wait(READABLE) returned %" PRId64 ", want 0 at once", rc);
+}
+
+static int run_variant(const struct variant *v, uint64_t iters, int64_t timeout_ns, int verbose)
+{
+    current_variant = v->name;
+    int64_t t_start = now_ns();
+    alarm((unsigned)(timeout_ns / 1000000000LL) + 15);
+
+    struct ctx *c = calloc(1, sizeof *c);
+    if (!c) {
+        fail(NULL, "out of memory");
+        return EXIT_FAIL;
+    }
+    c->v = v;
+    c->seed = global_seed;
+    c->per_prod = iters / (uint64_t)v->nprod;
+    if (c->per_prod < (v->close_mid ? 256 : 16))
+        c->per_prod = v->close_mid ? 256 : 16; /* close: per_prod - close_at > capacity */
+    c->deadline = t_start + timeout_ns;
+    /* Each producer could send per_prod, but the close comes when a quarter of the total has
+     * arrived; at most `capacity` more are in flight, so every producer sees -EPIPE. */
+    c->close_at = c->per_prod * (uint64_t)v->nprod / 4;
+
+    struct upipe_config cfg;
+    make_config(&cfg, v->capacity, v->limit);
+    int rc = upipe_create(&cfg, &c->hp);
+    if (rc == -ENOSYS || rc == -EOPNOTSUPP) {
+        fprintf(stderr, "SKIP: upipe_create: %s\n", strerror(-rc));
+        free(c);
+        return EXIT_SKIP;
+    }
+    if (rc != 0) {
+        fail(NULL, "upipe_create returned %d (%s)", rc, strerror(-rc));
+        free(c);
+        return EXIT_FAIL;
+    }
+    c->hc = c->hp;
+#ifndef UNDER_TSAN
+    if (v->cross) {
+        rc = upipe_attach(upipe_fd(c->hp, 0), upipe_fd(c->hp, 1), upipe_fd(c->hp, 2),
+                          1000 * 1000000LL, &c->hc);
+        if (rc != 0) {
+            fail(NULL, "upipe_attach returned %d", rc);
+            upipe_handle_unref(c->hp);
+            free(c);
+            return EXIT_FAIL;
+        }
+    }
+#endif
+    if (v->nospin) {
+        upipe_set_spin(c->hp, 0);
+        upipe_set_spin(c->hc, 0);
+    }
+    c->inline_max = upipe_inline_max(c->hp, 0);
+    if (c->inline_max != SLOT_SIZE - 32 || upipe_inline_max(c->hc, 0) != c->inline_max) {
+        fail(c, "inline_max %u, want %u", c->inline_max, SLOT_SIZE - 32);
+        c->inline_max = SLOT_SIZE - 32;
+    }
+    for (int i = 0; i < v->nprod; i++) {
+        c->seen[i] = calloc(c->per_prod, 1);
+        if (!c->seen[i])
+            fail(c, "out of memory");
+    }
+
+    static struct prod prods[MAX_PROD];
+    static struct cons conss[MAX_CONS];
+    pthread_t tp[MAX_PROD], tc[MAX_CONS], tr;
+    int np = 0, nc = 0, have_r = 0;
+    memset(prods, 0, sizeof prods);
+    memset(conss, 0, sizeof conss);
+    for (int i = 0; i < v->nprod && !atomic_load(&c->failed); i++) {
+        struct prod *p = &prods[i];
+        p->c = c;
+        p->id = (uint32_t)i;
+        p->rng = splitmix(global_seed ^ (0x100u + (uint64_t)i));
+        snprintf(p->who, sizeof p->who, "producer %d", i);
+        if (pthread_create(&tp[i], NULL, producer_main, p) != 0) {
+            fail(c, "pthread_create failed");
+            break;
+        }
+        np++;
+    }
+    for (int i = 0; i < v->ncons && !atomic_load(&c->failed); i++) {
+        struct cons *cs = &conss[i];
+        cs->c = c;
+        cs->id = (uint32_t)i;
+        cs->rng = splitmix(global_seed ^ (0x200u + (uint64_t)i));
+        snprintf(cs->who, sizeof cs->who, "consumer %d", i);
+        if (pthread_create(&tc[i], NULL, consumer_main, cs) != 0) {
+            fail(c, "pthread_create failed");
+            break;
+        }
+        nc++;
+    }
+    if (v->recoverer && !atomic_load(&c->failed)) {
+        if (pthread_create(&tr, NULL, recoverer_main, c) != 0)
+            fail(c, "pthread_create failed");
+        else
+            have_r = 1;
+    }
+    atomic_store_explicit(&c->go, 1, memory_order_release); /* one flag starts everyone */
+
+    for (int i = 0; i < np; i++)
+        pthread_join(tp[i], NULL);
+    atomic_store(&c->producers_done, 1);
+
+    if (!v->close_mid && !atomic_load(&c->failed)) {
+        if (poll_until(c, all_received) != 0 && !atomic_load(&c->failed)) {
+            fail(c, "only %" PRIu64 " of %" PRIu64 " items arrived by the deadline",
+                 atomic_load(&c->received), expected_total(c));
+            dump_stats(c->hp);
+        }
+        /* Quiescent, not closed: empty and writable; a get says -ENOENT, not -EPIPE / -EAGAIN. */
+        if (!atomic_load(&c->failed)) {
+            struct upipe_stats st;
+            uint8_t buf[SLOT_SIZE];
+            uint32_t chunk;
+            int64_t g = upipe_get(c->hc, 0, (char *)buf, c->inline_max, &chunk);
+            if (upipe_stats(c->hp, 0, &st) != 0 || st.count != 0 || st.head != st.tail ||
+                st.closed || g != -ENOENT || upipe_ready(c->hc, 0, UPIPE_WAIT_READABLE) != 0 ||
+                upipe_ready(c->hp, 0, UPIPE_WAIT_WRITABLE) != 1) {
+                fail(c, "drained ring: count=%" PRIu64 " head=%" PRIu64 " tail=%" PRIu64
+                        " closed=%u get=%" PRId64,
+                     st.count, st.head, st.tail, st.closed, g);
+            }
+        }
+        atomic_store(&c->t_close, now_ns());
+        upipe_close(c->hp, 0); /* the consumers, asleep in upipe_wait, wake and see -EPIPE */
+    }
+    for (int i = 0; i < nc; i++)
+        pthread_join(tc[i], NULL);
+    int64_t t_close = atomic_load(&c->t_close);
+    int64_t close_ms = t_close ? (now_ns() - t_close) / 1000000 : -1;
+    atomic_store(&c->stop, 1);
+    if (have_r)
+        pthread_join(tr, NULL);
+
+    /* Totals: every item sent was received exactly once, nothing else was. */
+    if (!atomic_load(&c->failed)) {
+        uint64_t sent_total = 0;
+        for (int i = 0; i < v->nprod; i++) {
+            sent_total += c->sent[i];
+            if (!v->close_mid && c->sent[i] != c->per_prod)
+                fail(c, "producer %d sent %" PRIu64 " of %" PRIu64 " (rc %d)", i, c->sent[i],
+                     c->per_prod, c->end_rc[i]);
+            if (v->close_mid && c->end_rc[i] != -EPIPE)
+                fail(c, "producer %d ended with %d after close, want -EPIPE (sent %" PRIu64 ")",
+                     i, c->end_rc[i], c->sent[i]);
+            for (uint64_t s = 0; s < c->per_prod; s++) {
+                uint8_t n = atomic_load_explicit(&c->seen[i][s], memory_order_relaxed);
+                uint8_t want = s < c->sent[i] ? 1 : 0;
+                if (n != want) {
+                    fail(c, "p%d seq %" PRIu64 " received %u times, want %u (sent %" PRIu64 ")",
+                         i, s, n, want, c->sent[i]);
+                    break;
+                }
+            }
+        }
+        if (atomic_load(&c->received) != sent_total)
+            fail(c, "received %" PRIu64 " items, sent %" PRIu64, atomic_load(&c->received),
+                 sent_total);
+        if (close_ms > 1000)
+            fail(c, "consumers took %" PRId64 " ms to see -EPIPE after close()", close_ms);
+    }
+    if (!atomic_load(&c->failed))
+        check_closed_state(c);
+    if (!atomic_load(&c->failed)) {
+        struct upipe_stats st;
+        upipe_stats(c->hp, 0, &st);
+        int want_actors = c->hc != c->hp ? 2 : 1;
+        if (st.aborted_puts || st.lost_items || st.recoveries || st.reclaimed_chunks ||
+            st.lost_leases || st.actors != (uint32_t)want_actors ||
+            (!v->close_mid && st.tombstones_skipped))
+            fail(c,
+                 "stats: aborted=%" PRIu64 " lost=%" PRIu64 " recoveries=%" PRIu64
+                 " reclaimed=%" PRIu64 " lost_leases=%" PRIu64 " actors=%u tombstones=%" PRIu64,
+                 st.aborted_puts, st.lost_items, st.recoveries, st.reclaimed_chunks,
+                 st.lost_leases, st.actors, st.tombstones_skipped);
+        for (uint32_t k = 0; k < st.nclasses; k++)
+            if (st.class_free[k] != st.class_total[k])
+                fail(c, "class %u: %" PRIu64 " of %" PRIu64 " chunks free at the end", k,
+                     st.class_free[k], st.class_total[k]);
+        uint64_t nchunks = 0;
+        for (int k = 0; k < 3; k++)
+            nchunks += CHUNK_COUNTS[k];
+        for (uint32_t ch = 0; ch < nchunks; ch++)
+            if (upipe_chunk_held(c->hp, ch) || upipe_chunk_held(c->hc, ch))
+                fail(c, "chunk %u still held at the end", ch);
+        if (v->nospin && atomic_load(&c->slow_waits) > MAX_SLOW_WAITS)
+            fail(c,
+                 "%" PRIu64 " of %" PRIu64 " waits slept >= 90 ms while the peer was busy: "
+                 "lost wakeups (rescued by the 100 ms recovery slice)",
+                 atomic_load(&c->slow_waits), atomic_load(&c->waits));
+        if (v->recoverer && atomic_load(&c->recover_calls) == 0)
+            fail(c, "the recoverer never ran");
+    }
+
+    int failed = atomic_load(&c->failed) != 0;
+    if (verbose || failed) {
+        uint64_t tombs = 0;
+        struct upipe_stats st;
+        if (upipe_stats(c->hp, 0, &st) == 0)
+            tombs = st.tombstones_skipped;
+        fprintf(stderr,
+                "%-26s %-6s %dx%d cap=%-3" PRIu64 " items=%-7" PRIu64 " waits=%-7" PRIu64
+                " slow=%" PRIu64 " recover=%" PRIu64 " tombs=%" PRIu64 " close->EPIPE=%" PRId64
+                "ms %6.3fs %s\n",
+                v->name, MODE_NAMES[v->mode], v->nprod, v->ncons, v->capacity,
+                atomic_load(&c->received), atomic_load(&c->waits), atomic_load(&c->slow_waits),
+                atomic_load(&c->recover_calls), tombs, close_ms,
+                (double)(now_ns() - t_start) / 1e9, failed ? "FAIL" : "ok");
+    }
+    if (c->hc != c->hp)
+        upipe_handle_unref(c->hc);
+    upipe_handle_unref(c->hp);
+    for (int i = 0; i < v->nprod; i++)
+        free((void *)c->seen[i]);
+    free(c);
+    alarm(0);
+    return failed ? EXIT_FAIL : EXIT_PASS;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* single-threaded API checks                                                                 */
+
+#define CHECK(cond, ...)                                                                           \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            fail(NULL, __VA_ARGS__);                                                               \
+            ok = 0;                                                                                \
+        }                                                                                          \
+    } while (0)
+
+static int run_basic(void)
+{
+    current_variant = "basic";
+    alarm(30);
+    int ok = 1;
+    struct upipe_config cfg;
+    make_config(&cfg, 4, 0);
+    CHECK(upipe_abi_version() == UPIPE_ABI_VERSION, "abi version");
+    struct upipe_config bad = cfg;
+    bad.capacity = 3;
+    CHECK(upipe_segment_size(&bad) == -EINVAL, "capacity 3 accepted");
+    CHECK(upipe_segment_size(&cfg) > 0, "segment size");
+    upipe_handle *h;
+    int rc = upipe_create(&cfg, &h);
+    if (rc == -ENOSYS || rc == -EOPNOTSUPP) {
+        fprintf(stderr, "SKIP: upipe_create: %s\n", strerror(-rc));
+        return EXIT_SKIP;
+    }
+    if (rc != 0) {
+        fail(NULL, "upipe_create returned %d", rc);
+        return EXIT_FAIL;
+    }
+    uint32_t im = upipe_inline_max(h, 0);
+    char buf[SLOT_SIZE] = {0}, out[SLOT_SIZE];
+    uint32_t chunk;
+    int64_t r;
+    CHECK(im == SLOT_SIZE - 32, "inline_max %u", im);
+    CHECK((r = upipe_get(h, 0, out, im, &chunk)) == -ENOENT, "get on empty: %" PRId64, r);
+    CHECK((r = upipe_get(h, 0, out, im - 1, &chunk)) == -EINVAL, "get outcap < inline_max: %" PRId64, r);
+    CHECK((r = upipe_get(h, 1, out, im, &chunk)) == -EINVAL, "get on ring 1: %" PRId64, r);
+    CHECK((r = upipe_put(h, 0, buf, im + 1, 2, NULL, 0)) == -EMSGSIZE, "put too big: %" PRId64, r);
+    CHECK((r = upipe_put(h, 0, buf, 4, KIND_TOMBSTONE, NULL, 0)) == -EINVAL,
+          "put of the tombstone kind: %" PRId64, r);
+    CHECK(upipe_ready(h, 0, UPIPE_WAIT_READABLE) == 0, "empty ring readable");
+    CHECK((rc = upipe_wait(h, 0, UPIPE_WAIT_READABLE, now_ns() + 2000000)) == -ETIMEDOUT,
+          "wait READABLE on empty: %d", rc);
+    for (int i = 0; i < 4; i++) {
+        buf[0] = (char)i;
+        CHECK((r = upipe_put(h, 0, buf, 1 + (uint32_t)i, (uint16_t)(10 + i), "mm", 2)) == 0,
+              "put %d: %" PRId64, i, r);
+    }
+    CHECK((r = upipe_put(h, 0, buf, 1, 2, NULL, 0)) == -ENOBUFS, "put on full: %" PRId64, r);
+    CHECK(upipe_ready(h, 0, UPIPE_WAIT_WRITABLE) == 0, "full ring writable");
+    CHECK((rc = upipe_wait(h, 0, UPIPE_WAIT_WRITABLE, now_ns() + 2000000)) == -ETIMEDOUT,
+          "wait WRITABLE on full: %d", rc);
+    CHECK((rc = upipe_spin(h, 0, UPIPE_WAIT_WRITABLE, 100000)) == 0, "spin WRITABLE on full: %d", rc);
+    for (int i = 0; i < 2; i++) {
+        r = upipe_get(h, 0, out, im, &chunk);
+        CHECK(r >= 0 && (r >> 48) == 10 + i && ((r >> 32) & 0xFFFF) == 2 && (r & 0xFFFFFFFF) == 1 + i &&
+                  memcmp(out, "mm", 2) == 0 && out[2] == (char)i && chunk == UINT32_MAX,
+              "FIFO get %d: %" PRId64, i, r);
+    }
+    struct upipe_stats st;
+    CHECK(upipe_stats(h, 0, &st) == 0 && st.count == 2 && st.capacity == 4, "stats count %" PRIu64,
+          st.count);
+    /* chunks: exhaust class 0, wait for one, free, double free */
+    uint32_t got[8];
+    int n = 0;
+    while (n < 8 && upipe_alloc(h, 100, &got[n]) == 0)
+        n++;
+    CHECK(n == (int)CHUNK_COUNTS[0], "allocated %d chunks of class 0, want %u", n, CHUNK_COUNTS[0]);
+    CHECK((r = upipe_alloc(h, 100, &chunk)) == -ENOBUFS, "alloc on empty class: %" PRId64, r);
+    CHECK(upipe_class_for(h, 100) == 0 && upipe_class_for(h, 129) == 1 &&
+              upipe_class_for(h, 4097) == -EMSGSIZE,
+          "class_for");
+    CHECK((r = upipe_alloc(h, 5000, &chunk)) == -EMSGSIZE, "alloc too big: %" PRId64, r);
+    CHECK((rc = upipe_wait(h, 0, UPIPE_WAIT_CHUNK, now_ns() + 2000000)) == -ETIMEDOUT,
+          "wait CHUNK on empty class: %d", rc);
+    CHECK((rc = upipe_wait(h, 3, UPIPE_WAIT_CHUNK, now_ns() + 2000000)) == -EINVAL,
+          "wait CHUNK on class 3 of 3: %d", rc);
+    for (int i = 0; i < n; i++)
+        CHECK(upipe_free(h, got[i]) == 0, "free %d", i);
+    CHECK(upipe_free(h, got[0]) == -EPERM, "double free not refused");
+    CHECK(upipe_wait(h, 0, UPIPE_WAIT_CHUNK, now_ns() + 2000000) == 0, "wait CHUNK with free chunks");
+    /* close: the two queued items drain, then -EPIPE */
+    CHECK(upipe_close(h, 0) == 0, "close");
+    CHECK((r = upipe_put(h, 0, buf, 1, 2, NULL, 0)) == -EPIPE, "put after close: %" PRId64, r);
+    for (int i = 2; i < 4; i++) {
+        r = upipe_get(h, 0, out, im, &chunk);
+        CHECK(r >= 0 && (r >> 48) == 10 + i, "drain after close %d: %" PRId64, i, r);
+    }
+    CHECK((r = upipe_get(h, 0, out, im, &chunk)) == -EPIPE, "get after drain: %" PRId64, r);
+    CHECK(upipe_recover(h) == 0, "recover with nobody dead");
+    upipe_handle_unref(h);
+    alarm(0);
+    return ok ? EXIT_PASS : EXIT_FAIL;
+}
+
+/*
+ * Known C core bug, run only when named ("known_limit_wait"): with limit (maxsize) < capacity, a
+ * ring holding `limit` items refuses puts (-ENOBUFS) but upipe_ring_writable() only looks at the
+ * slot at head, which is free, so upipe_ready/upipe_spin/upipe_wait(WRITABLE) say "writable" at
+ * once: a blocking put spins at 100% CPU instead of sleeping, and upipe_wait never times out.
+ */
+static int run_known_limit_wait(void)
+{
+    current_variant = "known_limit_wait";
+    alarm(30);
+    int ok = 1;
+    struct upipe_config cfg;
+    make_config(&cfg, 8, 3);
+    upipe_handle *h;
+    int rc = upipe_create(&cfg, &h);
+    if (rc != 0) {
+        fail(NULL, "upipe_create returned %d", rc);
+        return EXIT_FAIL;
+    }
+    char buf[8] = {0};
+    for (int i = 0; i < 3; i++)
+        CHECK(upipe_put(h, 0, buf, 1, 2, NULL, 0) == 0, "put %d", i);
+    int64_t r = upipe_put(h, 0, buf, 1, 2, NULL, 0);
+    CHECK(r == -ENOBUFS, "put beyond limit: %" PRId64, r);
+    CHECK((rc = upipe_ready(h, 0, UPIPE_WAIT_WRITABLE)) == 0,
+          "upipe_ready(WRITABLE) = %d on a ring at its limit (put says -ENOBUFS)", rc);
+    int64_t t0 = now_ns();
+    rc = upipe_wait(h, 0, UPIPE_WAIT_WRITABLE, t0 + 20 * 1000000LL);
+    CHECK(rc == -ETIMEDOUT, "upipe_wait(WRITABLE) on a ring at its limit returned %d after %" PRId64
+                            " us, want -ETIMEDOUT after 20 ms",
+          rc, (now_ns() - t0) / 1000);
+    upipe_handle_unref(h);
+    alarm(0);
+    return ok ? EXIT_PASS : EXIT_FAIL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+static void on_alarm(int sig)
+{
+    (void)sig;
+    static const char a[] = "FAIL [watchdog]: variant ";
+    static const char b[] = " hung past its deadline\n";
+    const char *v = current_variant;
+    ssize_t w = write(2, a, sizeof a - 1);
+    w = write(2, v, strlen(v));
+    w = write(2, b, sizeof b - 1);
+    (void)w;
+    _exit(EXIT_FAIL);
+}
+
+static int selected(const char *name, int argc, char **argv, int only_if_named)
+{
+    if (argc <= 1)
+        return !only_if_named;
+    for (int i = 1; i < argc; i++) {
+        if (only_if_named ? strcmp(name, argv[i]) == 0 : strstr(name, argv[i]) != NULL)
+            return 1;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    uint64_t iters = env_u64("UPIPE_STRESS_ITERS", DEFAULT_ITERS);
+    int64_t timeout_ns = (int64_t)env_u64("UPIPE_STRESS_TIMEOUT", DEFAULT_TIMEOUT_S) * 1000000000LL;
+    global_seed = env_u64("UPIPE_STRESS_SEED", (uint64_t)now_ns());
+    int verbose = env_u64("UPIPE_STRESS_VERBOSE", 0) != 0;
+    signal(SIGALRM, on_alarm);
+
+    int64_t t0 = now_ns();
+    int ran = 0, failed = 0, skipped = 0;
+    if (selected("basic", argc, argv, 0)) {
+        int rc = run_basic();
+        ran++;
+        failed += rc == EXIT_FAIL;
+        skipped += rc == EXIT_SKIP;
+        if (rc == EXIT_SKIP)
+            return EXIT_SKIP;
+    }
+    for (size_t i = 0; i < NVARIANTS; i++) {
+        if (!selected(VARIANTS[i].name, argc, argv, 0))
+            continue;
+        /* close variants: several short rounds, each a fresh segment closed mid-stream, so
+         * the close lands in different places (mid-claim, mid-wait, mid-drain) */
+        int rounds = VARIANTS[i].close_mid ? CLOSE_ROUNDS : 1, rc = EXIT_PASS;
+        for (int r = 0; r < rounds && rc == EXIT_PASS; r++)
+            rc = run_variant(&VARIANTS[i], iters / (uint64_t)rounds, timeout_ns, verbose);
+        ran++;
+        failed += rc == EXIT_FAIL;
+        if (rc == EXIT_SKIP)
+            return EXIT_SKIP;
+    }
+    if (selected("known_limit_wait", argc, argv, 1)) {
+        ran++;
+        failed += run_known_limit_wait() == EXIT_FAIL;
+    }
+    const char *cfgname =
+#ifdef UNDER_TSAN
+        "tsan";
+#elif defined(UNDER_ASAN)
+        "asan+ubsan";
+#else
+        "plain";
+#endif
+    if (ran == 0) {
+        fprintf(stderr, "stress: no variant matches the filter\n");
+        return EXIT_FAIL;
+    }
+    printf("stress[%s]: %d/%d passed, %" PRIu64 " items per variant, seed %" PRIu64 ", %.1f s\n",
+           cfgname, ran - failed - skipped, ran, iters, global_seed, (double)(now_ns() - t0) / 1e9);
+    return failed ? EXIT_FAIL : EXIT_PASS;
+}
