@@ -424,7 +424,7 @@ int upipe_create(const struct upipe_config *cfg, upipe_handle **out)
         fr->not_full.efd_index = 1;
         for (uint32_t c = 0; c < k->nchunks; c++) {
             struct upipe_slot *s = upipe_ring_slot(fr, c);
-            s->desc = first + c + 1;
+            UPIPE_SLOT_SET(s, desc, first + c + 1);
             UPIPE_STORE_RELAXED(&s->stamp, c);
             UPIPE_STORE_RELAXED(&s->seq, c + 1);
             UPIPE_STORE_RELAXED(&chunk_hdr(h, first + c)->owner, UPIPE_OWNER_FREE);
@@ -631,10 +631,10 @@ static int free_chunk_from(upipe_handle *h, uint32_t c, uint32_t expected_owner)
     while (upipe_ring_claim_prod(fr, 1, UPIPE_RING_BULK, rec, &p) == 0)
         sched_yield();
     struct upipe_slot *s = upipe_ring_slot(fr, p);
-    s->desc = (uint64_t)c + 1;
+    UPIPE_SLOT_SET(s, desc, (uint64_t)c + 1);
     s->len = 0;
-    s->kind = 0;
-    s->meta_len = 0;
+    UPIPE_SLOT_SET(s, kind, 0);
+    UPIPE_SLOT_SET(s, meta_len, 0);
     UPIPE_STORE_RELEASE(&s->stamp, p);            /* R2 */
     UPIPE_STORE_RELAXED(&ch->flags, 0);
     UPIPE_STORE_RELEASE(&ch->owner, UPIPE_OWNER_FREE);
@@ -698,10 +698,10 @@ static inline int bad_data_ring(upipe_handle *h, uint32_t ring)
 static void write_tombstone(struct upipe_ring *r, uint64_t p)
 {
     struct upipe_slot *s = upipe_ring_slot(r, p);
-    s->desc = UPIPE_DESC_INLINE;
+    UPIPE_SLOT_SET(s, desc, UPIPE_DESC_INLINE);
     s->len = 0;
-    s->kind = UPIPE_KIND_TOMBSTONE;
-    s->meta_len = 0;
+    UPIPE_SLOT_SET(s, kind, UPIPE_KIND_TOMBSTONE);
+    UPIPE_SLOT_SET(s, meta_len, 0);
     upipe_ring_publish(r, p);
 }
 
@@ -728,10 +728,10 @@ int64_t upipe_put(upipe_handle *h, uint32_t ring, const char *data, uint32_t len
         return -EPIPE;
     }
     struct upipe_slot *s = upipe_ring_slot(r, p);
-    s->desc = UPIPE_DESC_INLINE;
+    UPIPE_SLOT_SET(s, desc, UPIPE_DESC_INLINE);
     s->len = len;
-    s->kind = kind;
-    s->meta_len = meta_len;
+    UPIPE_SLOT_SET(s, kind, kind);
+    UPIPE_SLOT_SET(s, meta_len, meta_len);
     if (meta_len)
         memcpy(s->data, meta, meta_len);
     if (len)
@@ -770,10 +770,10 @@ int64_t upipe_put_many(upipe_handle *h, uint32_t ring, const char *data, const u
             continue;
         }
         struct upipe_slot *s = upipe_ring_slot(r, p + i);
-        s->desc = UPIPE_DESC_INLINE;
+        UPIPE_SLOT_SET(s, desc, UPIPE_DESC_INLINE);
         s->len = lens[i];
-        s->kind = kind;
-        s->meta_len = 0;
+        UPIPE_SLOT_SET(s, kind, kind);
+        UPIPE_SLOT_SET(s, meta_len, 0);
         memcpy(s->data, data + off, lens[i]);
         off += lens[i];
         upipe_ring_publish(r, p + i);
@@ -811,10 +811,10 @@ int64_t upipe_put_chunk(upipe_handle *h, uint32_t ring, uint32_t chunk, uint32_t
         return -EPIPE; /* the chunk stays with the caller */
     }
     struct upipe_slot *s = upipe_ring_slot(r, p);
-    s->desc = (uint64_t)chunk + 1;
+    UPIPE_SLOT_SET(s, desc, (uint64_t)chunk + 1);
     s->len = len;
-    s->kind = kind;
-    s->meta_len = meta_len;
+    UPIPE_SLOT_SET(s, kind, kind);
+    UPIPE_SLOT_SET(s, meta_len, meta_len);
     if (meta_len)
         memcpy(s->data, meta, meta_len);
     UPIPE_STORE_RELEASE(&s->stamp, p);                  /* R2: the put is complete */
@@ -932,8 +932,10 @@ int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
             }
             if (dif < 0)
                 break;
-            if (s->desc != UPIPE_DESC_INLINE || s->meta_len != 0 ||
-                (s->kind != kind && s->kind != UPIPE_KIND_TOMBSTONE)) {
+            uint64_t desc = UPIPE_SLOT_PEEK(s, desc);
+            uint16_t skind = UPIPE_SLOT_PEEK(s, kind);
+            if (desc != UPIPE_DESC_INLINE || UPIPE_SLOT_PEEK(s, meta_len) != 0 ||
+                (skind != kind && skind != UPIPE_KIND_TOMBSTONE)) {
                 other = 1;
                 break;
             }
@@ -1108,6 +1110,13 @@ void upipe_async_kick(upipe_handle *h, uint32_t ring, int what)
     (void)w;
 }
 
+int upipe_is_closed(upipe_handle *h, uint32_t ring)
+{
+    if (bad_data_ring(h, ring))
+        return -EINVAL;
+    return UPIPE_LOAD_ACQUIRE(&ring_at(h, ring)->closed) != 0;
+}
+
 int upipe_close(upipe_handle *h, uint32_t ring)
 {
     if (bad_data_ring(h, ring))
@@ -1122,6 +1131,39 @@ int upipe_close(upipe_handle *h, uint32_t ring)
         uint64_t one = 1;
         ssize_t w = write(h->fds[1 + ec->efd_index], &one, sizeof one);
         (void)w;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* white-box test hook                                                                        */
+
+int upipe_debug_abandon(upipe_handle *h, uint32_t ring, int what)
+{
+    /* Leave ring 'ring' the way a process killed at one instruction would, then return; the
+     * caller SIGKILLs itself. what: 0 = put claimed, nothing written; 1 = put written and
+     * stamped, not published; 2 = take claimed, not released. The journal entry stays busy. */
+    if (bad_data_ring(h, ring) || what < 0 || what > 2)
+        return -EINVAL;
+    struct upipe_ring *r = ring_at(h, ring);
+    uint64_t p;
+    int busy;
+    if (what == 2) {
+        struct upipe_rec *rec = rec_get(h, UPIPE_OP_TAKE, ring);
+        return upipe_ring_claim_cons(r, 1, UPIPE_RING_BULK, rec, &p, &busy) ? 0 : -ENOENT;
+    }
+    struct upipe_rec *rec = rec_get(h, UPIPE_OP_PUT, ring);
+    if (!upipe_ring_claim_prod(r, 1, UPIPE_RING_BULK, rec, &p))
+        return -ENOBUFS;
+    if (what == 1) {
+        struct upipe_slot *s = upipe_ring_slot(r, p);
+        static const char msg[] = "rolled-forward";
+        UPIPE_SLOT_SET(s, desc, UPIPE_DESC_INLINE);
+        s->len = sizeof msg - 1;
+        UPIPE_SLOT_SET(s, kind, UPIPE_KIND_BYTES);
+        UPIPE_SLOT_SET(s, meta_len, 0);
+        memcpy(s->data, msg, sizeof msg - 1);
+        UPIPE_STORE_RELEASE(&s->stamp, p); /* R2, and then the process "dies" before R0 */
     }
     return 0;
 }

@@ -77,7 +77,11 @@ int upipe_ready(upipe_handle *h, uint32_t ring, int what);
 uint32_t upipe_async_waiters(upipe_handle *h, uint32_t ring, int what);
 void upipe_async_kick(upipe_handle *h, uint32_t ring, int what);
 int upipe_close(upipe_handle *h, uint32_t ring);
+int upipe_is_closed(upipe_handle *h, uint32_t ring);
 int upipe_recover(upipe_handle *h);
+/* Tests only: leave a slot half-done as a SIGKILL would (0 put claimed, 1 put stamped, 2 take
+ * claimed); the caller then kills itself. */
+int upipe_debug_abandon(upipe_handle *h, uint32_t ring, int what);
 int upipe_stats(upipe_handle *h, uint32_t ring, struct upipe_stats *out);
 int upipe_pid_alive(uint32_t pid, uint64_t starttime);
 uint64_t upipe_pid_starttime(uint32_t pid);

@@ -109,8 +109,12 @@ uint32_t upipe_async_waiters(upipe_handle *h, uint32_t ring, int what);
 void upipe_async_kick(upipe_handle *h, uint32_t ring, int what);
 
 int upipe_close(upipe_handle *h, uint32_t ring);
+int upipe_is_closed(upipe_handle *h, uint32_t ring);
 /* Repair what dead processes left half-done; returns how many dead processes were recovered. */
 int upipe_recover(upipe_handle *h);
+/* Tests only: leave a slot half-done as a SIGKILL would (0 put claimed, 1 put stamped, 2 take
+ * claimed); the caller then kills itself. */
+int upipe_debug_abandon(upipe_handle *h, uint32_t ring, int what);
 int upipe_stats(upipe_handle *h, uint32_t ring, struct upipe_stats *out);
 
 /* Liveness of a pid as recovery sees it (tests use it): 1 alive, 0 dead or zombie. */

@@ -101,7 +101,8 @@ uint32_t upipe_ring_claim_cons(struct upipe_ring *r, uint32_t n, enum upipe_ring
         }
         if (k == 0 || (mode == UPIPE_RING_BULK && k < n)) {
             /* head beyond the first unpublished position: claimed by a producer, not published */
-            if (UPIPE_LOAD_ACQUIRE(&r->head) > t + k)
+            /* seq_cst: pairs with the producers' claim CAS and close() (see upipe_get) */
+            if (UPIPE_LOAD_SEQCST(&r->head) > t + k)
                 *busy = 1;
             return 0;
         }

@@ -180,6 +180,8 @@ class _PendingPut:
         if self.chunk < 0:
             chunk = seg.alloc(enc.nbytes)
             if chunk < 0:
+                if seg.is_closed():
+                    raise Closed("put on a closed queue")
                 if chunk in (-ENOBUFS, -EAGAIN):
                     return (WAIT_CHUNK, self.klass)
                 return self._failed(chunk, (WAIT_CHUNK, self.klass))

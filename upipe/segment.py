@@ -396,6 +396,13 @@ class Segment:
         if rc < 0:
             raise_for(rc, "closing the queue")
 
+    def debug_abandon(self, what: int) -> int:
+        """Tests only: leave a half-done slot as if killed mid-operation (see upipe.h)."""
+        return int(lib.upipe_debug_abandon(self._h, 0, what))
+
+    def is_closed(self) -> bool:
+        return bool(lib.upipe_is_closed(self._h, 0) > 0)
+
     def recover(self) -> int:
         return int(lib.upipe_recover(self._h))
 

@@ -64,7 +64,7 @@ run_config() {
                        UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}")
             ;;
         tsan)
-            # No suppressions: see tsan.supp for why none are needed (and how to add one).
+            # tsan.supp is empty on purpose: it explains why, and what may ever go in it.
             env_extra=(TSAN_OPTIONS="halt_on_error=1:exitcode=1:second_deadlock_stack=1:history_size=4:suppressions=$HERE/tsan.supp${TSAN_OPTIONS:+:$TSAN_OPTIONS}")
             ;;
     esac
