@@ -38,10 +38,16 @@ uint32_t upipe_ring_claim_prod(struct upipe_ring *r, uint32_t n, enum upipe_ring
     for (;;) {
         uint32_t k = 0;
         int stale = 0;
-        /* maxsize below the power-of-two capacity: never hold more than limit items. */
-        int64_t used = (int64_t)(p - UPIPE_LOAD_ACQUIRE(&r->tail));
-        uint64_t room = used >= (int64_t)r->limit ? 0 : r->limit - (uint64_t)(used < 0 ? 0 : used);
-        uint32_t m = n > room ? (uint32_t)room : n;
+        /* maxsize below the power-of-two capacity: never hold more than limit items. Only then
+         * is tail read here: it is the consumers' hot line, and the lap words already bound a
+         * ring at its full capacity. */
+        uint32_t m = n;
+        if (r->limit < r->capacity) {
+            int64_t used = (int64_t)(p - UPIPE_LOAD_ACQUIRE(&r->tail));
+            uint64_t room = used >= (int64_t)r->limit ? 0 : r->limit - (uint64_t)(used < 0 ? 0 : used);
+            if (m > room)
+                m = (uint32_t)room;
+        }
         while (k < m) {
             uint64_t want = p + k;
             /* A1: pairs with R1 (the consumer's release); the slot's old payload is consumed. */

@@ -38,7 +38,7 @@ def worker(frames: upipe.Queue, results: upipe.Queue) -> None:
 
 async def sink(results: upipe.Queue, n: int) -> int:
     received = 0
-    async for tag, means in results:
+    async for _tag, _means in results:
         received += 1
         if received == n:
             break
@@ -72,8 +72,9 @@ def main() -> None:
     st = frames.statistics()
     print(f"upipe demo: source -> 2 workers -> async sink, {received} frames of "
           f"{SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} uint8 ({frame_bytes / 1e6:.2f} MB each)")
-    print(f"  {received / elapsed:,.0f} frames/s, {received * frame_bytes / elapsed / 1e9:.2f} GB/s "
-          f"through shared memory, {elapsed:.2f} s in all (including process start-up)")
+    rate = received / elapsed
+    print(f"  {rate:,.0f} frames/s, {rate * frame_bytes / 1e9:.2f} GB/s through shared memory, "
+          f"{elapsed:.2f} s in all (including process start-up)")
     print(f"  lost items: {st.lost_items}, chunks free at the end: "
           f"{sum(f for _, _, f in st.chunk_classes)}/{sum(t for _, t, _ in st.chunk_classes)}")
     if received != args.frames:

@@ -23,6 +23,7 @@ import asyncio
 import os
 import time
 import weakref
+
 from .segment import WAIT_CHUNK, WAIT_READABLE, WAIT_WRITABLE, Segment
 
 SAFETY_SLICE = 0.1

@@ -123,7 +123,8 @@ def decode(kind: int, meta: bytes, payload: Any) -> Any:
         view = memoryview(payload).toreadonly()
         if meta:
             fmt, shape = decode_shape(meta)
-            return view.cast(fmt, shape) if shape else view.cast(fmt)
+            cast: Any = view.cast  # typeshed types cast() by literal format; ours is data
+            return cast(fmt, shape) if shape else cast(fmt)
         return view
     if kind == KIND_NDARRAY:
         fmt, shape = decode_shape(meta)

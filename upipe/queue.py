@@ -26,7 +26,6 @@ from .segment import (
     EINTR,
     EMSGSIZE,
     ENOBUFS,
-    ENOENT,
     EPIPE,
     ETIMEDOUT,
     WAIT_CHUNK,
@@ -84,7 +83,8 @@ def _check_timeout(timeout: float | None) -> float | None:
     if timeout is None:
         return None
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
-        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+        kind = type(timeout).__name__
+        raise TypeError(f"timeout must be a number of seconds or None, not {kind}")
     if timeout < 0 or math.isnan(timeout):
         raise ValueError("'timeout' must be a non-negative number")
     return float(timeout)
@@ -109,7 +109,7 @@ def plan_chunks(
             raise ValueError(f"chunk_sizes: every count must be >= 1, got {dict(pairs)}")
     else:
         if chunk_sizes is None:
-            top = max_message_size if max_message_size is not None else min(16 * MiB, max_bytes // 4)
+            top = min(16 * MiB, max_bytes // 4) if max_message_size is None else max_message_size
             top = max(top, 4 * KiB)
             sizes = []
             size = 4 * KiB
@@ -395,16 +395,12 @@ class Queue:
         :raises Closed: the queue is closed and drained.
         """
         bufs = self._bufs  # one private out-buffer per concurrent caller: threads may share a queue
-        try:
-            out, view = bufs.pop()
-        except IndexError:
-            out, view = self._seg.new_out_buffer()
+        out, view = bufs.pop() if bufs else self._seg.new_out_buffer()
         n = self._get_b(out)
-        if n >= 0:
-            data = view[0:n]
-            bufs.append((out, view))
-            return data
+        data = view[0:n] if n >= 0 else None
         bufs.append((out, view))
+        if data is not None:
+            return data
         if n == -EBADMSG:
             rc, kind, meta, payload = self._seg.get()
             if rc >= 0:
@@ -433,7 +429,9 @@ class Queue:
         """``get(block=False)``."""
         return self.get(False)
 
-    def put_many(self, items: Iterable[Any], block: bool = True, timeout: float | None = None) -> None:
+    def put_many(
+        self, items: Iterable[Any], block: bool = True, timeout: float | None = None
+    ) -> None:
         """Put every item, in order; runs of small ``bytes`` go in with one call each.
 
         :raises Full: not everything fit in time; ``exc.count`` items went in (a prefix).
@@ -455,20 +453,22 @@ class Queue:
                 end += 1
             if end > done:
                 run = items[done:end]
-                rc = self._seg.put_many_inline(b"".join(run), array("I", map(len, run)), len(run), 1)
+                lens = array("I", map(len, run))
+                rc = self._seg.put_many_inline(b"".join(run), lens, len(run), codec.KIND_BYTES)
                 if rc > 0:
                     done += rc
                     continue
                 if rc == -EPIPE:
                     raise Closed("put on a closed queue")
-                wait: tuple[int, int] | None = (WAIT_WRITABLE, 0)
+                wait: tuple[int, int] = (WAIT_WRITABLE, 0)
             else:
                 pending = _PendingPut(self, items[done])
-                wait = pending.attempt()
-                if wait is None:
+                attempt = pending.attempt()
+                if attempt is None:
                     done += 1
                     continue
                 pending.abandon()
+                wait = attempt
             if not block:
                 raise Full(f"queue is full after {done} of {total} items", count=done)
             if not self._block(wait, deadline):

@@ -161,7 +161,7 @@ class Segment:
         cls, memfd: int, efd_data: int, efd_space: int, config: SegmentConfig,
         timeout: float = 5.0,
     ) -> Segment:
-        """Attach to a segment from its three fds (they are duplicated; the caller keeps its own)."""
+        """Attach to a segment from its three fds (duplicated: the caller keeps its own)."""
         out = ffi.new("upipe_handle **")
         rc = lib.upipe_attach(memfd, efd_data, efd_space, int(timeout * 1e9), out)
         if rc < 0:
@@ -228,11 +228,12 @@ class Segment:
 
     def on_reattach(self, callback: Callable[[], None]) -> None:
         """Call back (weakly held bound method) after this segment re-attached in a fork child."""
-        self._reattach_callbacks.append(weakref.WeakMethod(callback))  # type: ignore[arg-type]
+        self._reattach_callbacks.append(weakref.WeakMethod(callback))
 
     def put_many_inline(self, data: bytes, lens: Any, n: int, kind: int) -> int:
         """Copy n small payloads, concatenated in data, lengths in lens (array('I'))."""
-        return int(lib.upipe_put_many(self._h, 0, data, ffi.from_buffer("uint32_t[]", lens), n, kind))
+        lens_ptr = ffi.from_buffer("uint32_t[]", lens)
+        return int(lib.upipe_put_many(self._h, 0, data, lens_ptr, n, kind))
 
     def put_chunk(self, chunk: int, nbytes: int, kind: int, meta: bytes) -> int:
         return int(lib.upipe_put_chunk(self._h, 0, chunk, nbytes, kind, meta, len(meta)))
