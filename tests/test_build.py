@@ -57,3 +57,14 @@ def test_cdef_declares_only_what_the_header_does() -> None:
     names = set(re.findall(r"\b(upipe_[a-z_]+)\(", cdef))
     for name in names:
         assert name + "(" in header, f"{name} is in the cdef but not in upipe.h"
+
+
+def test_a_stale_extension_is_refused_with_a_hint_to_rebuild() -> None:
+    # Load _ffi.py as if the package expected another ABI than the compiled module carries.
+    import types
+
+    source = (ROOT / "upipe" / "_ffi.py").read_text().replace("ABI_VERSION = 1", "ABI_VERSION = 99")
+    module = types.ModuleType("upipe._ffi_stale")
+    module.__package__ = "upipe"
+    with pytest.raises(ImportError, match="rebuild"):
+        exec(compile(source, "upipe/_ffi.py", "exec"), module.__dict__)
