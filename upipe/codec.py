@@ -107,7 +107,13 @@ def encode_pickle(obj: Any, meta_max: int) -> Encoded:
         buffers.append(buf)
         return False
 
-    stream = pickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+    try:
+        stream = pickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise TypeError(
+            f"cannot put a {type(obj).__name__}: it is not bytes-like, not a numpy array and "
+            f"cannot be pickled ({exc}); put bytes, arrays or picklable objects"
+        ) from exc
     raws = [b.raw() for b in buffers]
     meta = struct.pack(f"<H{len(raws) + 1}Q", len(raws), len(stream), *(r.nbytes for r in raws))
     return Encoded(KIND_PICKLE, meta, [stream, *raws], len(stream) + sum(r.nbytes for r in raws))
