@@ -389,3 +389,30 @@ def test_detached_queue_refuses_use() -> None:
     q.detach()
     with pytest.raises(upipe.UpipeError, match="detached"):
         q.put(b"x")
+
+
+def test_same_buffer_put_from_two_threads_goes_in_once() -> None:
+    q = Queue(maxsize=64, max_bytes=8 << 20, chunk_sizes={65536: 40})
+    for _ in range(30):
+        buf = q.alloc(50_000)
+        outcomes: list[str] = []
+        barrier = threading.Barrier(2)
+
+        def put(buf: memoryview = buf) -> None:
+            barrier.wait()
+            try:
+                q.put(buf)
+                outcomes.append("put")
+            except NotOwner:
+                outcomes.append("refused")
+
+        threads = [threading.Thread(target=put) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert sorted(outcomes) == ["put", "refused"]
+        assert q.qsize() == 1
+        del buf
+        q.get()
+    assert all(free == total for _, total, free in q.statistics().chunk_classes)

@@ -191,10 +191,17 @@ class _PendingPut:
                 seg.copy_into_chunk(chunk, part, n, offset)
                 offset += n
             self.chunk = chunk
+        lease = self.lease
+        if lease is not None and not seg.begin_move(lease):
+            self.chunk = -1
+            raise NotOwner(
+                "this buffer's chunk was already put or released (a put moves a zero-copy "
+                "buffer into the queue): put a copy instead, e.g. arr.copy()"
+            )
         rc = seg.put_chunk(self.chunk, enc.nbytes, enc.kind, enc.meta)
+        if lease is not None:
+            seg.end_move(lease, moved=rc == 0)
         if rc == 0:
-            if self.lease is not None:
-                seg.mark_moved(self.lease)
             self.chunk = -1
             self.klass = -2  # done
             return None

@@ -43,8 +43,8 @@ MAX_CLASSES = int(lib.UPIPE_MAX_CLASSES)
 SLOT_HEADER = int(lib.UPIPE_SLOT_HEADER)
 MAX_ACTORS = int(lib.UPIPE_MAX_ACTORS)
 
-# Lease states.
-_HELD, _MOVED, _RELEASED = 0, 1, 2
+# Lease states. MOVING: a put of it is under way (in one thread; others see it as not held).
+_HELD, _MOVED, _RELEASED, _MOVING = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class Segment:
         self.config = config
         self.pid = os.getpid()
         self._leases: dict[int, Lease] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.inline_max = int(lib.upipe_inline_max(handle, 0))
         self._get_buffers: list[tuple[Any, Any]] = []
         self._reattach_callbacks: list[weakref.WeakMethod[Callable[[], None]]] = []
@@ -189,7 +189,7 @@ class Segment:
         self._h = ffi.gc(out[0], lib.upipe_handle_unref)
         self.pid = os.getpid()
         self._leases = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._get_buffers = []
         self.fd_data = int(lib.upipe_fd(self._h, 1))
         self.fd_space = int(lib.upipe_fd(self._h, 2))
@@ -299,11 +299,12 @@ class Segment:
         def done(_ptr: Any, lease: Lease = lease) -> None:
             # Runs when the last view is gone. The closure keeps the segment (the mapping)
             # alive until then.
-            if lease.state == _HELD:
+            with seg._lock:
+                held = lease.state == _HELD
                 lease.state = _RELEASED
-                if seg._h is not None and seg.pid == os.getpid():
-                    lib.upipe_free(seg._h, lease.chunk)
-            seg._leases.pop(key[0], None)
+                seg._leases.pop(key[0], None)
+            if held and seg._h is not None and seg.pid == os.getpid():
+                lib.upipe_free(seg._h, lease.chunk)
 
         owned = ffi.gc(ptr, done, size=max(nbytes, 1))
         exporter = ffi.buffer(owned, nbytes)
@@ -339,14 +340,26 @@ class Segment:
         start = lib.upipe_chunk_ptr(self._h, lease.chunk)
         return bool(ffi.cast("uintptr_t", ptr) == ffi.cast("uintptr_t", start))
 
-    def mark_moved(self, lease: Lease) -> None:
-        lease.state = _MOVED
+    def begin_move(self, lease: Lease) -> bool:
+        """Claim the lease for a put; False if it is not held (spent, or another put has it)."""
+        with self._lock:
+            if lease.state != _HELD:
+                return False
+            lease.state = _MOVING
+            return True
+
+    def end_move(self, lease: Lease, moved: bool) -> None:
+        with self._lock:
+            lease.state = _MOVED if moved else _HELD
 
     def release_lease(self, lease: Lease) -> bool:
         """Free the chunk now. False if the lease was already spent."""
-        if lease.state != _HELD:
-            return False
-        lease.state = _RELEASED
+        # The state check and change are one step under the lock: a release() in one thread
+        # and the last view dying in another must not both free the chunk.
+        with self._lock:
+            if lease.state != _HELD:
+                return False
+            lease.state = _RELEASED
         rc = int(lib.upipe_free(self._h, lease.chunk))
         if rc < 0:
             raise_for(rc, "releasing a chunk")
