@@ -136,17 +136,23 @@ static void rec_put(upipe_handle *h, struct upipe_rec *rec)
  * those before the waiter-count loads, pairing with the waiter's seq_cst increment followed by
  * its seq_cst re-check (docs/futex.md, "lost wakeups"). No waiter, no syscall.
  */
-static void ec_signal(upipe_handle *h, struct upipe_ec *ec, int n)
+static void ec_signal(upipe_handle *h, struct upipe_ec *ec)
 {
     UPIPE_FENCE_SEQCST(); /* F0 */
     uint32_t sw = UPIPE_LOAD_RELAXED(&ec->sync_waiters);
     uint32_t aw = UPIPE_LOAD_RELAXED(&ec->async_waiters);
     if ((sw | aw) == 0)
         return;
+    /* Ring only for sleepers that armed since the last ring: while a woken waiter is getting up,
+     * every further item would otherwise cost the waker another syscall. */
+    int ring_sync = sw && atomic_exchange(&ec->sync_armed, 0);
+    int ring_async = aw && atomic_exchange(&ec->async_armed, 0);
+    if (!(ring_sync | ring_async))
+        return;
     UPIPE_FETCH_ADD(&ec->seq, 1);
-    if (sw)
-        upipe_futex_wake(&ec->seq, n); /* n items or slots: wake that many, not the herd */
-    if (aw) {
+    if (ring_sync)
+        upipe_futex_wake(&ec->seq, INT_MAX); /* all who armed: one flag serves them all */
+    if (ring_async) {
         uint64_t one = 1;
         ssize_t w = write(h->fds[1 + ec->efd_index], &one, sizeof one);
         (void)w; /* EAGAIN means the counter is already non-zero: the bell is ringing */
@@ -640,7 +646,7 @@ static int free_chunk_from(upipe_handle *h, uint32_t c, uint32_t expected_owner)
     UPIPE_STORE_RELEASE(&ch->owner, UPIPE_OWNER_FREE);
     UPIPE_STORE_RELEASE(&s->seq, p + 1);          /* R0 */
     rec_put(h, rec);
-    ec_signal(h, &fr->not_empty, 1);
+    ec_signal(h, &fr->not_empty);
     return 0;
 }
 
@@ -724,7 +730,7 @@ int64_t upipe_put(upipe_handle *h, uint32_t ring, const char *data, uint32_t len
     if (UPIPE_LOAD_SEQCST(&r->closed)) { /* closed between the check and the claim */
         write_tombstone(r, p);
         rec_put(h, rec);
-        ec_signal(h, &r->not_empty, 1);
+        ec_signal(h, &r->not_empty);
         return -EPIPE;
     }
     struct upipe_slot *s = upipe_ring_slot(r, p);
@@ -738,7 +744,7 @@ int64_t upipe_put(upipe_handle *h, uint32_t ring, const char *data, uint32_t len
         memcpy(s->data + meta_len, data, len);
     upipe_ring_publish(r, p);
     rec_put(h, rec);
-    ec_signal(h, &r->not_empty, 1);
+    ec_signal(h, &r->not_empty);
     return 0;
 }
 
@@ -779,7 +785,7 @@ int64_t upipe_put_many(upipe_handle *h, uint32_t ring, const char *data, const u
         upipe_ring_publish(r, p + i);
     }
     rec_put(h, rec);
-    ec_signal(h, &r->not_empty, (int)k);
+    ec_signal(h, &r->not_empty);
     return closed ? -EPIPE : (int64_t)k;
 }
 
@@ -807,7 +813,7 @@ int64_t upipe_put_chunk(upipe_handle *h, uint32_t ring, uint32_t chunk, uint32_t
     if (UPIPE_LOAD_SEQCST(&r->closed)) {
         write_tombstone(r, p);
         rec_put(h, rec);
-        ec_signal(h, &r->not_empty, 1);
+        ec_signal(h, &r->not_empty);
         return -EPIPE; /* the chunk stays with the caller */
     }
     struct upipe_slot *s = upipe_ring_slot(r, p);
@@ -821,7 +827,7 @@ int64_t upipe_put_chunk(upipe_handle *h, uint32_t ring, uint32_t chunk, uint32_t
     UPIPE_STORE_RELEASE(&ch->owner, UPIPE_OWNER_QUEUED); /* the slot holds it now */
     UPIPE_STORE_RELEASE(&s->seq, p + 1);                /* R0 */
     rec_put(h, rec);
-    ec_signal(h, &r->not_empty, 1);
+    ec_signal(h, &r->not_empty);
     return 0;
 }
 
@@ -868,7 +874,7 @@ int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
         if (s->kind == UPIPE_KIND_TOMBSTONE) {
             upipe_ring_release(r, p);
             UPIPE_FETCH_ADD_RELAXED(&r->tombstones_skipped, 1);
-            ec_signal(h, &r->not_full, 1);
+            ec_signal(h, &r->not_full);
             continue;
         }
         uint32_t len = s->len, meta_len = s->meta_len;
@@ -887,7 +893,7 @@ int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
         }
         upipe_ring_release(r, p);
         rec_put(h, rec);
-        ec_signal(h, &r->not_full, 1);
+        ec_signal(h, &r->not_full);
         return (int64_t)(((uint64_t)kind << 48) | ((uint64_t)meta_len << 32) | len);
     }
 }
@@ -968,7 +974,7 @@ int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
             upipe_ring_release(r, t + i);
         }
         rec_put(h, rec);
-        ec_signal(h, &r->not_full, (int)k);
+        ec_signal(h, &r->not_full);
         if (got)
             return got;
         rec = rec_get(h, UPIPE_OP_TAKE, ring); /* a run of tombstones only: look again */
@@ -1029,7 +1035,8 @@ int upipe_wait(upipe_handle *h, uint32_t ring, int what, int64_t deadline_ns)
     }
     for (;;) {
         uint32_t seq = UPIPE_LOAD_SEQCST(&ec->seq);
-        UPIPE_FETCH_ADD(&ec->sync_waiters, 1); /* F0, waiter side: register, then re-check */
+        UPIPE_FETCH_ADD(&ec->sync_waiters, 1); /* F0, waiter side: register, arm, re-check */
+        UPIPE_STORE_SEQCST(&ec->sync_armed, 1);
         if (cond_ready(r, what)) {
             UPIPE_FETCH_SUB(&ec->sync_waiters, 1);
             return 0;
@@ -1048,8 +1055,10 @@ int upipe_wait(upipe_handle *h, uint32_t ring, int what, int64_t deadline_ns)
         if (rc == -ETIMEDOUT) {
             if (deadline_ns >= 0 && upipe_now_ns() >= deadline_ns) {
                 /* We may have been the one woken for an item we now walk away from: pass it on. */
-                if (cond_ready(r, what) && UPIPE_LOAD_SEQCST(&ec->sync_waiters))
+                if (cond_ready(r, what) && UPIPE_LOAD_SEQCST(&ec->sync_waiters)) {
+                    UPIPE_FETCH_ADD(&ec->seq, 1);
                     upipe_futex_wake(&ec->seq, 1);
+                }
                 return -ETIMEDOUT;
             }
             upipe_recover(h); /* a slice went by with nothing: is a peer dead mid-operation? */
@@ -1084,6 +1093,11 @@ int upipe_async_waiter(upipe_handle *h, uint32_t ring, int what, int delta)
         return rc;
     if (delta > 0) {
         UPIPE_FETCH_ADD(&ec->async_waiters, 1); /* F0, waiter side */
+        UPIPE_STORE_SEQCST(&ec->async_armed, 1);
+        return cond_ready(r, what);
+    }
+    if (delta == 0) { /* re-arm: a dispatcher drained the eventfd and waiters remain */
+        UPIPE_STORE_SEQCST(&ec->async_armed, 1);
         return cond_ready(r, what);
     }
     UPIPE_FETCH_SUB(&ec->async_waiters, 1);
@@ -1212,7 +1226,7 @@ static void repair_put(upipe_handle *h, const uint8_t *alive, uint32_t ri, uint6
         write_tombstone(r, q);
         UPIPE_FETCH_ADD(&r->aborted_puts, 1);
     }
-    ec_signal(h, &r->not_empty, 1);
+    ec_signal(h, &r->not_empty);
 }
 
 /* A consumer died between claiming q and releasing it. */
@@ -1237,7 +1251,7 @@ static void repair_take(upipe_handle *h, const uint8_t *alive, uint32_t ri, uint
         UPIPE_FETCH_ADD(&r->lost_items, 1); /* an inline item it took and never returned */
     }
     upipe_ring_release(r, q);
-    ec_signal(h, &r->not_full, 1);
+    ec_signal(h, &r->not_full);
 }
 
 static void recover_actor(upipe_handle *h, const uint8_t *alive, uint32_t index)

@@ -100,7 +100,8 @@ int upipe_class_for(upipe_handle *h, uint64_t nbytes);
 int upipe_wait(upipe_handle *h, uint32_t ring, int what, int64_t deadline_ns);
 /* Spin only (no sleep) up to spin_ns for the condition: 1 if it holds, else 0. */
 int upipe_spin(upipe_handle *h, uint32_t ring, int what, int64_t spin_ns);
-/* Async waiters: +1 / -1 for this process; returns 1 if the condition holds now, else 0. */
+/* Async waiters: +1 / -1 for this process, 0 to re-arm after draining the eventfd; returns 1 if
+ * the condition holds now, else 0. */
 int upipe_async_waiter(upipe_handle *h, uint32_t ring, int what, int delta);
 /* Readiness, for the dispatcher that decides whether to pass a wakeup on. */
 int upipe_ready(upipe_handle *h, uint32_t ring, int what);

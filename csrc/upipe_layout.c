@@ -55,6 +55,8 @@ static const struct {
     FIELD(upipe_ec, sync_waiters),
     FIELD(upipe_ec, async_waiters),
     FIELD(upipe_ec, efd_index),
+    FIELD(upipe_ec, sync_armed),
+    FIELD(upipe_ec, async_armed),
     SIZE(upipe_ec),
     FIELD(upipe_slot, seq),
     FIELD(upipe_slot, stamp),

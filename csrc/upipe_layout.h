@@ -51,12 +51,16 @@ enum upipe_op { UPIPE_OP_NONE = 0, UPIPE_OP_PUT = 1, UPIPE_OP_TAKE = 2 };
  * An eventcount: a doorbell for one condition of one ring (see docs/futex.md).
  * seq: bumped by wakers, only when waiters are registered; the futex word.
  * sync_waiters / async_waiters: incremented and decremented by waiters.
+ * sync_armed / async_armed: set by a waiter about to sleep, cleared (exchange) by the waker that
+ * rings for it: one syscall per sleep, not one per item while the sleeper is getting up.
  */
 struct upipe_ec {
     _Atomic uint32_t seq;
     _Atomic uint32_t sync_waiters;
     _Atomic uint32_t async_waiters;
     uint32_t efd_index; /* creator: which of the process's eventfds rings this doorbell */
+    _Atomic uint32_t sync_armed;
+    _Atomic uint32_t async_armed;
 };
 
 struct upipe_slot {

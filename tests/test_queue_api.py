@@ -398,7 +398,8 @@ def test_same_buffer_put_from_two_threads_goes_in_once() -> None:
         outcomes: list[str] = []
         barrier = threading.Barrier(2)
 
-        def put(buf: memoryview = buf) -> None:
+        def put(buf: memoryview = buf, barrier: threading.Barrier = barrier,
+                outcomes: list[str] = outcomes) -> None:
             barrier.wait()
             try:
                 q.put(buf)

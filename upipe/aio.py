@@ -76,11 +76,13 @@ class _Dispatcher:
         for fut in list(self.futures):
             if not fut.done():
                 fut.set_result(None)
-        # The baton: we may have swallowed a wakeup meant for another process.
+        if self.seg._h is None:
+            return
         for what, arg in list(self.conditions):
-            if self.seg._h is not None and self.seg.async_waiters(what, arg) > 1 and self.seg.ready(
-                what, arg
-            ):
+            # Waiters remain (ours until they re-check, maybe other processes'): arm the bell
+            # again, then pass on a wakeup we may have swallowed for another process (the baton).
+            ready = self.seg.rearm(what, arg)
+            if ready and self.seg.async_waiters(what, arg) > 1:
                 self.seg.kick(what, arg)
 
 

@@ -394,6 +394,10 @@ class Segment:
     def async_waiter(self, what: int, delta: int, arg: int = 0) -> bool:
         return bool(lib.upipe_async_waiter(self._h, arg, what, delta) > 0)
 
+    def rearm(self, what: int, arg: int = 0) -> bool:
+        """Arm the async bell again after draining its eventfd; True if the condition holds."""
+        return bool(lib.upipe_async_waiter(self._h, arg, what, 0) > 0)
+
     def ready(self, what: int, arg: int = 0) -> bool:
         return bool(lib.upipe_ready(self._h, arg, what) > 0)
 
