@@ -417,3 +417,15 @@ def test_same_buffer_put_from_two_threads_goes_in_once() -> None:
         del buf
         q.get()
     assert all(free == total for _, total, free in q.statistics().chunk_classes)
+
+
+def test_queue_creates_no_dev_shm_entry() -> None:
+    import os
+
+    before = set(os.listdir("/dev/shm"))
+    queues = [Queue(maxsize=4) for _ in range(5)]
+    after = set(os.listdir("/dev/shm"))
+    created = {n for n in after - before if not n.startswith(("sem.", "psm_"))}
+    assert created == set()  # segments are anonymous memfds: nothing to leak there
+    for q in queues:
+        q.detach()

@@ -39,7 +39,8 @@ class MessageTooLarge(UpipeError, ValueError):
 
 
 class ShmExhausted(UpipeError, MemoryError):
-    """The shared memory for a segment could not be reserved (memory budget, /dev/shm limits)."""
+    """The shared memory for a segment could not be reserved: more than the memory available,
+    or the address-space limit (upipe segments are memfds: /dev/shm's size does not apply)."""
 
 
 class SegmentError(UpipeError):

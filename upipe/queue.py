@@ -17,15 +17,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import psutil
 
 from . import aio, codec
-from .errors import Closed, Empty, Full, MessageTooLarge, NotOwner, UpipeError
+from .errors import Closed, Empty, Full, MessageTooLarge, NotOwner, ShmExhausted, UpipeError
 from .segment import (
     EAGAIN,
     EBADMSG,
     EINTR,
     EMSGSIZE,
     ENOBUFS,
+    ENOENT,
+    EPERM,
     EPIPE,
     ETIMEDOUT,
     WAIT_CHUNK,
@@ -33,6 +36,7 @@ from .segment import (
     WAIT_WRITABLE,
     Segment,
     SegmentConfig,
+    segment_size,
 )
 
 KiB = 1 << 10
@@ -90,6 +94,19 @@ def _check_timeout(timeout: float | None) -> float | None:
     return float(timeout)
 
 
+def _check_memory(needed: int, maxsize: int, slot_size: int, max_bytes: int) -> None:
+    """Refuse a segment larger than the memory available now: reserving it would wake the
+    kernel's OOM killer (which picks a victim, maybe not us) instead of failing cleanly."""
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise ShmExhausted(
+            f"this queue needs {needed / MiB:,.0f} MiB of shared memory (about maxsize x "
+            f"slot_size = {maxsize * slot_size / MiB:,.0f} MiB of slots plus max_bytes = "
+            f"{max_bytes / MiB:,.0f} MiB of chunks) but only {available / MiB:,.0f} MiB are "
+            "available: lower max_bytes, maxsize or slot_size"
+        )
+
+
 def plan_chunks(
     max_bytes: int,
     max_message_size: int | None,
@@ -128,6 +145,13 @@ def plan_chunks(
     if len(set(sizes)) != len(sizes) or sizes[0] < 64:
         raise ValueError(f"chunk_sizes must be distinct sizes of at least 64 bytes, got {sizes}")
     rounded = [(s + 63) // 64 * 64 for s in sizes]
+    if rounded[-1] >= 1 << 32:
+        raise ValueError(f"chunk sizes must be below 4 GiB, got {rounded[-1]}")
+    if sum(counts) > 1 << 24:
+        raise ValueError(
+            f"{sum(counts):,} chunks is more than the {1 << 24:,} a queue can track: use larger "
+            "chunk_sizes or a smaller max_bytes"
+        )
     if max_message_size is not None and rounded[-1] < max_message_size:
         raise ValueError(
             f"max_message_size={max_message_size} is larger than the largest chunk size "
@@ -167,6 +191,11 @@ class _PendingPut:
             self.chunk = lease.chunk
             return
         self.klass = q._seg.class_for(enc.nbytes)
+        if self.klass < 0:
+            raise MessageTooLarge(
+                f"item of {enc.nbytes} bytes fits no chunk class of this queue (largest "
+                f"{q._max_message_size} bytes): create the Queue with a larger max_message_size"
+            )
 
     def attempt(self) -> tuple[int, int] | None:
         """Try once. None when the item is in; else (what, arg) to wait for. Raises Closed."""
@@ -215,6 +244,8 @@ class _PendingPut:
             raise Closed("put on a closed queue")
         if rc == -EMSGSIZE:
             raise MessageTooLarge(f"item of {self.enc.nbytes} bytes does not fit this queue")
+        if rc == -EPERM:
+            raise NotOwner("this buffer is not held by this process (already put or released)")
         raise UpipeError(f"put failed: {os.strerror(-rc)}")
 
     def abandon(self) -> None:
@@ -265,6 +296,8 @@ class Queue:
                     f"max_message_size={max_message_size} is larger than max_bytes={max_bytes}: "
                     "raise max_bytes"
                 )
+        if not isinstance(spin, (int, float)) or isinstance(spin, bool) or not spin >= 0:
+            raise ValueError(f"spin must be a number of seconds >= 0, got {spin!r}")
         if maxsize > 1 << 30:
             raise ValueError(f"maxsize must be at most {1 << 30}, got {maxsize}")
         sizes, counts = plan_chunks(max_bytes, max_message_size, chunk_sizes)
@@ -272,6 +305,7 @@ class Queue:
         while capacity < maxsize:
             capacity *= 2
         config = SegmentConfig(capacity, maxsize, slot_size, sizes, counts)
+        _check_memory(segment_size(config), maxsize, slot_size, max_bytes)
         self._setup(Segment.create(config), maxsize, spin)
 
     def _setup(self, seg: Segment, maxsize: int, spin: float) -> None:
@@ -287,8 +321,18 @@ class Queue:
         seg.on_reattach(self._bind_fast_paths)
 
     def _bind_fast_paths(self) -> None:
+        if self._seg._h is None:  # re-attaching in a fork child failed
+            reason = self._seg.broken or UpipeError("this Queue is not attached in this process")
+            self._make_unusable(reason)
+            return
         self._put_b, self._get_b = self._seg.bytes_fast_paths()
         self._bufs = []
+
+    def _make_unusable(self, reason: Exception) -> None:
+        unusable = _Unusable(reason)
+        self._put_b = self._get_b = unusable
+        self._bufs = []
+        self._seg = unusable  # type: ignore[assignment]
 
     # -- sharing with other processes ---------------------------------------------------------
 
@@ -364,20 +408,20 @@ class Queue:
         timeout = _check_timeout(timeout) if block else None
         pending = _PendingPut(self, obj)
         deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
-        while True:
-            wait = pending.attempt()
-            if wait is None:
-                return
-            if not block:
-                pending.abandon()
-                raise Full("queue is full" if wait[0] == WAIT_WRITABLE else
-                           "queue's chunk pool is exhausted (raise max_bytes)")
-            if not self._block(wait, deadline):
+        try:
+            while True:
                 wait = pending.attempt()
                 if wait is None:
                     return
-                pending.abandon()
-                raise Full(f"queue still full after {timeout} s")
+                if not block:
+                    raise Full(_full_reason(wait))
+                if not self._block(wait, deadline):
+                    wait = pending.attempt()
+                    if wait is None:
+                        return
+                    raise Full(f"{_full_reason(wait)} after {timeout} s")
+        finally:
+            pending.abandon()  # a copy that never went in (Full, Ctrl-C): its chunk goes back
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``."""
@@ -416,6 +460,8 @@ class Queue:
             rc = n
         if rc == -EPIPE:
             raise Closed("the queue is closed and drained")
+        if rc not in (-ENOENT, -EAGAIN):
+            raise UpipeError(f"get failed: {os.strerror(-rc)}")
         if not block:
             raise Empty("queue is empty")
         timeout = _check_timeout(timeout)
@@ -502,7 +548,14 @@ class Queue:
                 first = False
                 continue
             if rc == -EBADMSG:  # the next item is not a small bytes: take it the general way
-                out.append(self.get(False))
+                try:
+                    out.append(self.get(False))
+                except (Empty, Closed):
+                    if out:
+                        return out  # another consumer took it: keep what we have
+                    if not block:
+                        raise
+                    out.append(self.get(True, timeout))  # waits, or raises Empty / Closed
                 first = False
                 continue
             if out:
@@ -633,9 +686,10 @@ class Queue:
                 if wait is None:
                     return
                 if not await aio.wait_for_condition(self._seg, wait[0], deadline, wait[1]):
-                    if pending.attempt() is None:
+                    last = pending.attempt()
+                    if last is None:
                         return
-                    raise Full(f"queue still full after {timeout} s")
+                    raise Full(f"{_full_reason(last)} after {timeout} s")
         finally:
             pending.abandon()
 
@@ -697,16 +751,33 @@ class Queue:
     def detach(self) -> None:
         """Let go of the queue in this process (the shared memory goes with the last process).
         Using the queue afterwards raises :class:`UpipeError`."""
-        self._put_b = self._get_b = _detached
-        self._bufs = []
-        self._seg.detach()
+        seg = self._seg
+        if isinstance(seg, Segment):
+            seg.detach()
+        self._make_unusable(UpipeError("this Queue was detached from this process"))
 
     def __repr__(self) -> str:
         return f"<upipe.Queue maxsize={self._maxsize} inline_max={self._inline_max}>"
 
 
-def _detached(*_: Any) -> int:
-    raise UpipeError("this Queue was detached from this process")
+def _full_reason(wait: tuple[int, int]) -> str:
+    if wait[0] == WAIT_CHUNK:
+        return "the queue's chunk pool is exhausted (release held buffers or raise max_bytes)"
+    return "queue is full"
+
+
+class _Unusable:
+    """Stands in for the segment of a Queue this process can no longer use (detached, or its
+    re-attachment after fork failed): every use raises why."""
+
+    def __init__(self, reason: Exception) -> None:
+        self._reason = reason
+
+    def __getattr__(self, name: str) -> Any:
+        raise type(self._reason)(str(self._reason))
+
+    def __call__(self, *_: Any) -> Any:
+        raise type(self._reason)(str(self._reason))
 
 
 def _rebuild_queue(

@@ -126,6 +126,7 @@ class Segment:
 
     def __init__(self, handle: Any, config: SegmentConfig) -> None:
         self._h = handle  # cdata owned through ffi.gc -> upipe_handle_unref
+        self.broken: Exception | None = None  # why this process can no longer use it
         self.config = config
         self.pid = os.getpid()
         self._leases: dict[int, Lease] = {}
@@ -185,6 +186,14 @@ class Segment:
         ffi.gc(old, None)  # drop the destructor: unref would detach the parent's entry
         if rc < 0:
             self._h = None
+            try:
+                raise_for(rc, "re-attaching to the queue in a forked child")
+            except Exception as exc:  # kept, and raised when the queue is used
+                self.broken = exc
+            for ref in self._reattach_callbacks:
+                cb = ref()
+                if cb is not None:
+                    cb()
             return
         self._h = ffi.gc(out[0], lib.upipe_handle_unref)
         self.pid = os.getpid()
@@ -293,18 +302,25 @@ class Segment:
         """A view of the first nbytes of a chunk this process holds; frees it when unreferenced."""
         lease = Lease(chunk)
         ptr = lib.upipe_chunk_ptr(self._h, chunk)
+        # The view holds a C reference on the handle, so the mapping outlives it even through
+        # detach(); the raw pointer is what this lease frees and unrefs through.
+        raw = ffi.cast("upipe_handle *", self._h)
+        lib.upipe_handle_ref(raw)
+        pid = os.getpid()
         seg = self
         key: list[int] = []
 
         def done(_ptr: Any, lease: Lease = lease) -> None:
-            # Runs when the last view is gone. The closure keeps the segment (the mapping)
-            # alive until then.
+            # Runs when the last view is gone.
             with seg._lock:
                 held = lease.state == _HELD
                 lease.state = _RELEASED
                 seg._leases.pop(key[0], None)
-            if held and seg._h is not None and seg.pid == os.getpid():
-                lib.upipe_free(seg._h, lease.chunk)
+            if os.getpid() != pid:
+                return  # a fork child's copy of a parent's lease: the parent's business
+            if held:
+                lib.upipe_free(raw, lease.chunk)
+            lib.upipe_handle_unref(raw)
 
         owned = ffi.gc(ptr, done, size=max(nbytes, 1))
         exporter = ffi.buffer(owned, nbytes)
@@ -486,4 +502,5 @@ def layout_offsets() -> dict[str, int]:
 
 
 ENOBUFS, ENOENT, EAGAIN, EPIPE = errno.ENOBUFS, errno.ENOENT, errno.EAGAIN, errno.EPIPE
+EPERM = errno.EPERM
 EMSGSIZE, EBADMSG, ETIMEDOUT, EINTR = errno.EMSGSIZE, errno.EBADMSG, errno.ETIMEDOUT, errno.EINTR
