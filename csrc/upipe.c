@@ -910,6 +910,22 @@ int64_t upipe_get_bytes(upipe_handle *h, uint32_t outcap, char *out)
     return rc == 1 ? (int64_t)end : rc;
 }
 
+uint32_t upipe_uniform_length(const uint32_t *ends, uint32_t n)
+{
+    if (n == 0)
+        return 0;
+    uint32_t len = ends[0];
+    for (uint32_t i = 1; i < n; i++)
+        if (ends[i] - ends[i - 1] != len)
+            return UINT32_MAX;
+    return len;
+}
+
+int64_t upipe_get_into(struct upipe_getbuf *b)
+{
+    return upipe_get_bytes(b->h, b->cap, b->data);
+}
+
 int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
                        uint64_t outcap, uint32_t *ends, uint32_t maxn)
 {

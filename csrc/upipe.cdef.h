@@ -61,6 +61,16 @@ int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
  * next item is of another shape. */
 int64_t upipe_put_bytes(upipe_handle *h, const char *data, uint32_t len);
 int64_t upipe_get_bytes(upipe_handle *h, uint32_t outcap, char *out);
+/* upipe_get_bytes with everything in one argument: cffi converts one pointer, not three. */
+struct upipe_getbuf {
+    upipe_handle *h;
+    uint32_t cap;
+    uint32_t reserved;
+    char data[];
+};
+int64_t upipe_get_into(struct upipe_getbuf *b);
+/* The common length of n items given their end offsets, or UINT32_MAX if they differ. */
+uint32_t upipe_uniform_length(const uint32_t *ends, uint32_t n);
 int64_t upipe_alloc(upipe_handle *h, uint64_t nbytes, uint32_t *chunk_out);
 int upipe_free(upipe_handle *h, uint32_t chunk);
 uint8_t *upipe_chunk_ptr(upipe_handle *h, uint32_t chunk);

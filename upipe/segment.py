@@ -133,6 +133,7 @@ class Segment:
         self._lock = threading.RLock()
         self.inline_max = int(lib.upipe_inline_max(handle, 0))
         self._get_buffers: list[tuple[Any, Any]] = []
+        self._get1_buffers: list[tuple[Any, Any]] = []
         self._reattach_callbacks: list[weakref.WeakMethod[Callable[[], None]]] = []
         self.fd_data = int(lib.upipe_fd(handle, 1))
         self.fd_space = int(lib.upipe_fd(handle, 2))
@@ -200,6 +201,7 @@ class Segment:
         self._leases = {}
         self._lock = threading.RLock()
         self._get_buffers = []
+        self._get1_buffers = []
         self.fd_data = int(lib.upipe_fd(self._h, 1))
         self.fd_space = int(lib.upipe_fd(self._h, 2))
         for ref in self._reattach_callbacks:
@@ -219,30 +221,48 @@ class Segment:
         return int(lib.upipe_put(self._h, 0, data, len(data), kind, meta, len(meta)))
 
     def bytes_fast_paths(self) -> tuple[Callable[[bytes, int], int], Callable[[Any], int]]:
-        """The C calls behind the queue's small-``bytes`` fast path, with the handle bound:
-        ``put(data, len) -> 0 | -errno`` and ``get(out) -> len | -errno`` (out from
-        :meth:`new_out_buffer`; -EBADMSG means the next item needs the general path).
+        """The C calls behind the queue's small-``bytes`` fast path:
+        ``put(data, len) -> 0 | -errno`` (handle bound) and ``get(buf) -> len | -errno`` where
+        buf, from :meth:`new_out_buffer`, carries the handle itself (one argument to convert);
+        -EBADMSG means the next item needs the general path.
         Bound to this process's attachment: fetch them again after :meth:`on_reattach` fires.
         """
-        return (
-            functools.partial(lib.upipe_put_bytes, self._h),
-            functools.partial(lib.upipe_get_bytes, self._h, self.inline_max),
-        )
+        return functools.partial(lib.upipe_put_bytes, self._h), lib.upipe_get_into
+
+    #: Offset of the payload in a buffer from new_out_buffer (after the handle and capacity).
+    OUT_DATA = 16
 
     def new_out_buffer(self) -> tuple[Any, Any]:
-        """(out, view): a private inline-sized buffer for one thread's get, and a bytes view
-        whose slices copy out of it."""
-        out = ffi.new("char[]", self.inline_max)
-        return out, ffi.buffer(out)
+        """(buf, view): a private buffer for one thread's fast-path get, and a bytes view of it:
+        the payload of a get that returned n is ``view[OUT_DATA:OUT_DATA + n]``. The buffer
+        holds a C reference to the handle, so a detach cannot pull the mapping from under it."""
+        raw = ffi.new("char[]", self.OUT_DATA + self.inline_max)
+        buf = ffi.cast("struct upipe_getbuf *", raw)
+        handle = ffi.cast("upipe_handle *", self._h)
+        lib.upipe_handle_ref(handle)
+        buf.h = handle
+        buf.cap = self.inline_max
+        pid = os.getpid()
+
+        def unref(_buf: Any, raw: Any = raw) -> None:  # raw: the memory lives as long as buf
+            if os.getpid() == pid:  # never a fork parent's handle, from a child
+                lib.upipe_handle_unref(handle)
+
+        return ffi.gc(buf, unref), ffi.buffer(raw)
 
     def on_reattach(self, callback: Callable[[], None]) -> None:
         """Call back (weakly held bound method) after this segment re-attached in a fork child."""
         self._reattach_callbacks.append(weakref.WeakMethod(callback))
 
-    def put_many_inline(self, data: bytes, lens: Any, n: int, kind: int) -> int:
-        """Copy n small payloads, concatenated in data, lengths in lens (array('I'))."""
-        lens_ptr = ffi.from_buffer("uint32_t[]", lens)
-        return int(lib.upipe_put_many(self._h, 0, data, lens_ptr, n, kind))
+    def put_many_inline(
+        self, data: bytes, lens: Any, first: int, byte_offset: int, n: int, kind: int
+    ) -> int:
+        """Copy items first..first+n-1 of a run: payloads concatenated in data (item ``first``
+        at ``byte_offset``), lengths in lens (an array('I') of the whole run). Returns how many
+        went in (a prefix), or -errno."""
+        data_ptr = ffi.from_buffer(data) + byte_offset
+        lens_ptr = ffi.from_buffer("uint32_t[]", lens) + first
+        return int(lib.upipe_put_many(self._h, 0, data_ptr, lens_ptr, n, kind))
 
     def put_chunk(self, chunk: int, nbytes: int, kind: int, meta: bytes) -> int:
         return int(lib.upipe_put_chunk(self._h, 0, chunk, nbytes, kind, meta, len(meta)))
@@ -254,7 +274,7 @@ class Segment:
         ``memoryview`` of the chunk for a chunk item.
         """
         try:
-            out, chunk_out = self._get_buffers.pop()
+            out, chunk_out = self._get1_buffers.pop()
         except IndexError:
             out = ffi.new("char[]", self.inline_max)
             chunk_out = ffi.new("uint32_t *")
@@ -274,18 +294,33 @@ class Segment:
             meta = ffi.unpack(out, mlen) if mlen else b""
             return rc, kind, meta, self.lease_view(chunk, n, readonly=True)
         finally:
-            self._get_buffers.append((out, chunk_out))
+            self._get1_buffers.append((out, chunk_out))
 
-    def get_many_inline(self, kind: int, max_items: int) -> tuple[int, bytes, list[int]]:
-        """Take a run of up to max_items inline items of this kind: (rc, joined data, ends)."""
-        cap = max(1, min(max_items, 4096))
-        out = ffi.new("char[]", cap * self.inline_max)
-        ends = ffi.new("uint32_t[]", cap)
-        rc = int(lib.upipe_get_many(self._h, 0, kind, out, cap * self.inline_max, ends, cap))
-        if rc <= 0:
-            return rc, b"", []
-        ends_list: list[int] = ffi.unpack(ends, rc)
-        return rc, ffi.unpack(out, ends_list[-1]), ends_list
+    #: Most items one get_many call takes (its buffers are allocated once per thread).
+    GET_MANY_MAX = 1024
+
+    def get_many_inline(self, kind: int, max_items: int) -> tuple[int, bytes, list[int] | int]:
+        """Take a run of up to max_items inline items of this kind: (rc, joined data, ends),
+        where ends is the common item length (an int) when every item has the same length,
+        else the list of end offsets."""
+        cap = max(1, min(max_items, self.GET_MANY_MAX))
+        pool = self._get_buffers
+        if pool:
+            out, ends = pool.pop()
+        else:
+            out = ffi.new("char[]", self.GET_MANY_MAX * self.inline_max)
+            ends = ffi.new("uint32_t[]", self.GET_MANY_MAX)
+        try:
+            rc = int(lib.upipe_get_many(self._h, 0, kind, out, cap * self.inline_max, ends, cap))
+            if rc <= 0:
+                return rc, b"", []
+            same = int(lib.upipe_uniform_length(ends, rc))
+            if same != 0xFFFFFFFF:
+                return rc, ffi.unpack(out, same * rc), same
+            ends_list: list[int] = ffi.unpack(ends, rc)
+            return rc, ffi.unpack(out, ends_list[-1]), ends_list
+        finally:
+            pool.append((out, ends))
 
     # -- chunks -------------------------------------------------------------------------------
 
