@@ -15,20 +15,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import faulthandler
 import functools
+import hashlib
 import importlib.metadata
 import json
 import multiprocessing as mp
 import multiprocessing.connection
 import os
 import platform
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
@@ -44,7 +47,7 @@ import upipe
 MSG_SIZE = 64  # bytes: 8-byte little-endian sequence number + 56 bytes of fixed padding
 PAD_WORDS = np.frombuffer(bytes(range(8, MSG_SIZE)), dtype="<u8")
 BATCH = 256  # messages per batch in the batched scenario
-VERIFY_BLOCK = 4096  # the consumer verifies received messages in blocks of this many
+VERIFY_BLOCK = 1024  # the consumer verifies messages in blocks of this many (64 KiB: no mmap)
 FRAME_ELEMS = 262144  # float32 elements: 1 MiB frames
 FRAME_BYTES = FRAME_ELEMS * 4
 
@@ -61,6 +64,7 @@ SETUP_TIMEOUT = 60.0  # seconds for the two processes to reach the start barrier
 END_TIMEOUT = 30.0  # seconds to wait for the end-of-stream marker
 JOIN_TIMEOUT = 10.0  # seconds for a finished child to exit before it is terminated
 RING_STALL_TIMEOUT = 60.0  # seconds a shared_memory ring waits for its peer before giving up
+BG_LOAD_WARN = 0.15  # CPUs of other processes' work during a run that make it "noisy"
 
 PRETTY = {
     "msg": "64 B messages, one at a time",
@@ -97,12 +101,14 @@ def _describe(obj: Any) -> str:
 
 
 class StreamVerifier:
-    """Checks a stream of messages against what the producer generates, block by block."""
+    """Checks a stream of messages, block by block, against what the producer generates: every
+    byte of every message, hence count and order; also sums the sequence numbers (a checksum
+    the parent re-checks)."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.next = 0
-        self.crc = 0
+        self.seq_sum = 0
 
     def check(self, msgs: list[Any]) -> None:
         k = len(msgs)
@@ -118,7 +124,7 @@ class StreamVerifier:
             got = b""
         if got != want:
             raise VerificationError(self._first_mismatch(msgs, want))
-        self.crc = zlib.crc32(got, self.crc)
+        self.seq_sum += int(np.frombuffer(got, dtype="<u8")[:: MSG_SIZE // 8].sum())
         self.next += k
 
     def _first_mismatch(self, msgs: list[Any], want: bytes) -> str:
@@ -126,9 +132,14 @@ class StreamVerifier:
             exp = want[j * MSG_SIZE : (j + 1) * MSG_SIZE]
             ok = isinstance(m, (bytes, bytearray, memoryview)) and bytes(m) == exp
             if not ok:
+                where = ""
+                if isinstance(m, (bytes, bytearray, memoryview)) and len(bytes(m)) == MSG_SIZE:
+                    at = next(i for i, (a, b) in enumerate(zip(bytes(m), exp, strict=True))
+                              if a != b)
+                    where = f", first differing byte at offset {at}"
                 return (
                     f"message #{self.next + j}: expected {MSG_SIZE} B with seq {self.next + j}, "
-                    f"got {_describe(m)}"
+                    f"got {_describe(m)}{where}"
                 )
         return f"messages #{self.next}..: content differs"  # pragma: no cover
 
@@ -175,7 +186,7 @@ class Tx:
         return self._frame
 
     def finish(self) -> None:
-        """Send the end-of-stream marker and close."""
+        """Send the end-of-stream marker (the consumer may still be reading: do not close)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -311,7 +322,6 @@ class MpQueueTx(Tx):
 
     def finish(self) -> None:
         self.q.put(None)
-        self.close()
 
     def close(self) -> None:
         self.q.close()
@@ -364,6 +374,8 @@ class PipeTx(Tx):
 
     def finish(self) -> None:
         self.conn.send_bytes(b"")
+
+    def close(self) -> None:
         self.conn.close()
 
 
@@ -431,11 +443,23 @@ class FasterFifoRx(Rx):
         self.end = end
         self.recv = functools.partial(q.get, timeout=1e9)
         self.recv_frame = self.recv
-        self.recv_batch = functools.partial(q.get_many, timeout=1e9, max_messages_to_get=BATCH)
+        self._get_many = functools.partial(q.get_many, timeout=1e9, max_messages_to_get=BATCH)
+        self._ended = False
+
+    def recv_batch(self) -> list[Any]:  # type: ignore[override]
+        if self._ended:
+            raise VerificationError("end of stream before every message arrived")
+        items: list[Any] = self._get_many()
+        if items[-1] == self.end:  # get_many may take the end marker along with the last batch
+            items.pop()
+            self._ended = True
+        return items
 
     def expect_end(self) -> None:
         import queue
 
+        if self._ended:
+            return
         try:
             item = self.q.get(timeout=END_TIMEOUT)
         except queue.Empty:
@@ -451,6 +475,8 @@ class ZmqChannel(Channel):
     """PUSH (connect) -> PULL (bind) over ipc:// in a private temp dir."""
 
     def __init__(self, hwm: int) -> None:
+        import zmq  # noqa: F401  (fail here, in the parent, if pyzmq is missing)
+
         self.dir = tempfile.mkdtemp(prefix="upipe-bench-zmq-")
         self.addr = f"ipc://{self.dir}/s.sock"
         self.hwm = hwm
@@ -481,7 +507,6 @@ class ZmqTx(Tx):
 
     def finish(self) -> None:
         self.sock.send(b"")
-        self.close()
 
     def close(self) -> None:
         self.sock.close()
@@ -673,7 +698,6 @@ class ShmRingTx(Tx):
 
     def finish(self) -> None:
         self.w.send(b"")
-        self.close()
 
     def close(self) -> None:
         self.w.close()
@@ -800,34 +824,50 @@ def build_cases(sizes: dict[str, int]) -> list[Case]:
 
 # -- the child processes -----------------------------------------------------------------------
 
-Barrier = Any  # multiprocessing.synchronize.Barrier
-Event = Any  # multiprocessing.synchronize.Event
+@dataclass
+class Sync:
+    """The two processes' handshakes: start together, end of warm-up, consumer done."""
+
+    barrier: Any  # multiprocessing.synchronize.Barrier(2)
+    warm: Any  # Event: the consumer verified the warm-up share; the producer starts the clock
+    done: Any  # Event: the consumer has everything; the producer may close its end
+
+    def start(self) -> None:
+        self.barrier.wait(SETUP_TIMEOUT)
+
+    def wait_warm(self) -> None:
+        if not self.warm.wait(SETUP_TIMEOUT):
+            raise TimeoutError("the consumer did not finish the warm-up")
+
+    def wait_done(self) -> None:
+        # Some transports (zmq) drop what the reader has not read yet when the writer closes.
+        if not self.done.wait(END_TIMEOUT + 60):
+            raise TimeoutError("the consumer did not report completion")
 
 
-def _stream_producer(chs: list[Channel], p: dict[str, Any], barrier: Barrier,
-                     warm: Event) -> dict[str, Any]:
+def _stream_producer(chs: list[Channel], p: dict[str, Any], sync: Sync) -> dict[str, Any]:
     tx = chs[0].open_tx()
     warmup, n = p["msg_warmup"], p["messages"]
     msgs = split_messages(make_messages(0, warmup + n))
-    batched = p["scenario"] == "batch"
-    if batched:
+    if p["scenario"] == "batch":
         parts: list[Any] = [msgs[j : j + BATCH] for j in range(0, len(msgs), BATCH)]
         send: Callable[[Any], Any] = tx.send_batch
         first_timed = warmup // BATCH
     else:
         parts, send, first_timed = msgs, tx.send, warmup
     del msgs
-    barrier.wait(SETUP_TIMEOUT)
+    sync.start()
     for part in parts[:first_timed]:
         send(part)
-    if not warm.wait(SETUP_TIMEOUT):
-        raise TimeoutError("the consumer did not finish the warm-up")
+    sync.wait_warm()
     timed = parts[first_timed:]
     t0 = time.monotonic_ns()
     for part in timed:
         send(part)
     t_sent = time.monotonic_ns()
     tx.finish()
+    sync.wait_done()
+    tx.close()
     return {"t0_ns": t0, "t_sent_ns": t_sent, **tx.stats()}
 
 
@@ -855,38 +895,33 @@ def _consume_batches(recv_batch: Callable[[], list[Any]], v: StreamVerifier, cou
         raise VerificationError(f"received {got} messages where {count} were expected")
 
 
-def _stream_consumer(chs: list[Channel], p: dict[str, Any], barrier: Barrier,
-                     warm: Event) -> dict[str, Any]:
+def _stream_consumer(chs: list[Channel], p: dict[str, Any], sync: Sync) -> dict[str, Any]:
     rx = chs[0].open_rx()
     warmup, n = p["msg_warmup"], p["messages"]
     v = StreamVerifier(warmup + n)
-    barrier.wait(SETUP_TIMEOUT)
-    if p["scenario"] == "batch":
-        _consume_batches(rx.recv_batch, v, warmup)
-        warm.set()
-        _consume_batches(rx.recv_batch, v, n)
-    else:
-        _consume_single(rx.recv, v, warmup)
-        warm.set()
-        _consume_single(rx.recv, v, n)
+    consume: Any = (functools.partial(_consume_batches, rx.recv_batch)
+                    if p["scenario"] == "batch" else functools.partial(_consume_single, rx.recv))
+    sync.start()
+    consume(v, warmup)
+    sync.warm.set()
+    consume(v, n)
     t_end = time.monotonic_ns()
     v.finish()
     rx.expect_end()
+    sync.done.set()
     rx.close()
-    return {"t_end_ns": t_end, "received": v.next, "crc32": v.crc}
+    return {"t_end_ns": t_end, "received": v.next, "seq_sum": v.seq_sum}
 
 
-def _frame_producer(chs: list[Channel], p: dict[str, Any], barrier: Barrier,
-                    warm: Event) -> dict[str, Any]:
+def _frame_producer(chs: list[Channel], p: dict[str, Any], sync: Sync) -> dict[str, Any]:
     tx = chs[0].open_tx()
     warmup, n = p["frame_warmup"], p["frames"]
     frame_buffer, send_frame = tx.frame_buffer, tx.send_frame
-    barrier.wait(SETUP_TIMEOUT)
+    sync.start()
     t0 = 0
     for i in range(warmup + n):
         if i == warmup:
-            if not warm.wait(SETUP_TIMEOUT):
-                raise TimeoutError("the consumer did not finish the warm-up")
+            sync.wait_warm()
             t0 = time.monotonic_ns()
         arr = frame_buffer()
         arr[:] = i
@@ -894,19 +929,20 @@ def _frame_producer(chs: list[Channel], p: dict[str, Any], barrier: Barrier,
         del arr
     t_sent = time.monotonic_ns()
     tx.finish()
+    sync.wait_done()
+    tx.close()
     return {"t0_ns": t0, "t_sent_ns": t_sent, **tx.stats()}
 
 
-def _frame_consumer(chs: list[Channel], p: dict[str, Any], barrier: Barrier,
-                    warm: Event) -> dict[str, Any]:
+def _frame_consumer(chs: list[Channel], p: dict[str, Any], sync: Sync) -> dict[str, Any]:
     rx = chs[0].open_rx()
     warmup, n = p["frame_warmup"], p["frames"]
     recv_frame, frame_done = rx.recv_frame, rx.frame_done
     ids = 0
-    barrier.wait(SETUP_TIMEOUT)
+    sync.start()
     for i in range(warmup + n):
         if i == warmup:
-            warm.set()
+            sync.warm.set()
         x = recv_frame()
         check_frame(x, i)
         ids += i
@@ -914,6 +950,7 @@ def _frame_consumer(chs: list[Channel], p: dict[str, Any], barrier: Barrier,
         frame_done()
     t_end = time.monotonic_ns()
     rx.expect_end()
+    sync.done.set()
     rx.close()
     return {"t_end_ns": t_end, "received": warmup + n, "frame_id_sum": ids}
 
@@ -928,19 +965,20 @@ def _latency_summary(samples_ns: list[int]) -> dict[str, float]:
     }
 
 
-def _rtt_ping(chs: list[Channel], p: dict[str, Any], barrier: Barrier,
-              warm: Event) -> dict[str, Any]:
+def _rtt_ping(chs: list[Channel], p: dict[str, Any], sync: Sync) -> dict[str, Any]:
+    """Send message i, wait for it to come back, check it; time each round trip."""
     warmup, n = p["rtt_warmup"], p["rounds"]
     msgs = split_messages(make_messages(0, warmup + n))
     lat: list[int] = []
     if p.get("asyncio"):
         a, b = _upipe_queue(chs[0]), _upipe_queue(chs[1])
-        barrier.wait(SETUP_TIMEOUT)
+        sync.start()
         asyncio.run(_ping_async(a, b, msgs, warmup, lat))
         a.close()
+        sync.wait_done()
     else:
         tx, rx = chs[0].open_tx(), chs[1].open_rx()
-        barrier.wait(SETUP_TIMEOUT)
+        sync.start()
         send, recv, clock = tx.send, rx.recv, time.perf_counter_ns
         append = lat.append
         for i, m in enumerate(msgs):
@@ -953,6 +991,8 @@ def _rtt_ping(chs: list[Channel], p: dict[str, Any], barrier: Barrier,
             if i >= warmup:
                 append(dt)
         tx.finish()
+        sync.wait_done()
+        tx.close()
         rx.close()
     return {"rounds": len(lat), **_latency_summary(lat)}
 
@@ -971,17 +1011,18 @@ async def _ping_async(a: upipe.Queue, b: upipe.Queue, msgs: list[bytes], warmup:
             lat.append(dt)
 
 
-def _rtt_pong(chs: list[Channel], p: dict[str, Any], barrier: Barrier,
-              warm: Event) -> dict[str, Any]:
+def _rtt_pong(chs: list[Channel], p: dict[str, Any], sync: Sync) -> dict[str, Any]:
+    """Echo every message back at once; verify the stream (in blocks, after echoing)."""
     total = p["rtt_warmup"] + p["rounds"]
     v = StreamVerifier(total)
     if p.get("asyncio"):
         a, b = _upipe_queue(chs[0]), _upipe_queue(chs[1])
-        barrier.wait(SETUP_TIMEOUT)
+        sync.start()
         asyncio.run(_pong_async(a, b, v, total))
+        sync.done.set()
     else:
         rx, tx = chs[0].open_rx(), chs[1].open_tx()
-        barrier.wait(SETUP_TIMEOUT)
+        sync.start()
         send, recv = tx.send, rx.recv
         left = total
         while left:
@@ -994,9 +1035,10 @@ def _rtt_pong(chs: list[Channel], p: dict[str, Any], barrier: Barrier,
             left -= len(block)
         v.finish()
         rx.expect_end()
+        sync.done.set()
         rx.close()
         tx.close()
-    return {"echoed": v.next, "crc32": v.crc}
+    return {"echoed": v.next, "seq_sum": v.seq_sum}
 
 
 async def _pong_async(a: upipe.Queue, b: upipe.Queue, v: StreamVerifier, total: int) -> None:
@@ -1023,7 +1065,7 @@ def _upipe_queue(ch: Channel) -> upipe.Queue:
     return ch.q
 
 
-ROLES: dict[tuple[str, str], Callable[..., dict[str, Any]]] = {
+ROLES: dict[tuple[str, str], Callable[[list[Channel], dict[str, Any], Sync], dict[str, Any]]] = {
     ("msg", "producer"): _stream_producer,
     ("msg", "consumer"): _stream_consumer,
     ("batch", "producer"): _stream_producer,
@@ -1035,16 +1077,34 @@ ROLES: dict[tuple[str, str], Callable[..., dict[str, Any]]] = {
 }
 
 
-def _child_main(role: str, chs: list[Channel], params: dict[str, Any], barrier: Barrier,
-                warm: Event, conn: Any) -> None:
+def _die_with_parent() -> None:
+    """Have the kernel kill this process if the benchmark's parent process dies."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
     try:
-        result = ROLES[(params["scenario"], role)](chs, params, barrier, warm)
-        conn.send(("ok", result))
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _child_main(role: str, chs: list[Channel], params: dict[str, Any], sync: Sync, conn: Any,
+                parent_pid: int) -> None:
+    _die_with_parent()
+    if os.getppid() != parent_pid:
+        os._exit(3)
+    # A hang shows where it is: dump every thread's stack shortly before the parent gives up.
+    faulthandler.dump_traceback_later(max(1.0, params["timeout"] - 5.0), exit=False)
+    try:
+        result = ROLES[(params["scenario"], role)](chs, params, sync)
+        conn.send(("ok", {**result, "cpu_s": _own_cpu()}))
     except VerificationError as exc:
         conn.send(("verification", f"{role}: {exc}"))
     except BaseException as exc:  # report everything, including KeyboardInterrupt
         conn.send(("error", f"{role}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
+        faulthandler.cancel_dump_traceback_later()
         conn.close()
 
 
@@ -1057,8 +1117,10 @@ class CaseFailed(Exception):
         self.kind = kind  # "verification" | "error" | "timeout"
 
 
-def _case_timeout(case: Case) -> float:
+def case_timeout(case: Case) -> float:
     p = case.params
+    if p.get("case_timeout"):
+        return float(p["case_timeout"])
     if case.scenario in ("msg", "batch"):
         return 120.0 + (p["messages"] + p["msg_warmup"]) * 50e-6
     if case.scenario == "frames":
@@ -1066,9 +1128,9 @@ def _case_timeout(case: Case) -> float:
     return 120.0 + (p["rounds"] + p["rtt_warmup"]) * 2e-3
 
 
-def _stop(proc: Any) -> None:
-    """Make sure proc is gone: join, then terminate, then kill."""
-    proc.join(JOIN_TIMEOUT if proc.exitcode is None else 0)
+def _stop(proc: Any, grace: float) -> None:
+    """Make sure proc is gone: join (up to grace seconds), then terminate, then kill."""
+    proc.join(grace)
     if proc.is_alive():
         proc.terminate()
         proc.join(5)
@@ -1079,30 +1141,32 @@ def _stop(proc: Any) -> None:
 
 def run_case(ctx: Any, case: Case) -> dict[str, dict[str, Any]]:
     """Run one case; the children's results by role. Raises CaseFailed."""
-    params = {**case.params, "scenario": case.scenario}
+    timeout = case_timeout(case)
+    params = {**case.params, "scenario": case.scenario, "timeout": timeout}
     channels = case.make(ctx)
     procs: dict[str, Any] = {}
     conns: dict[str, Any] = {}
     results: dict[str, dict[str, Any]] = {}
+    busy0, steal0, own0, wall0 = *_machine_cpu(), _family_cpu(), time.monotonic()
+    grace = 0.5  # seconds for the children to exit by themselves; JOIN_TIMEOUT once all is well
     try:
-        barrier = ctx.Barrier(2)
-        warm = ctx.Event()
+        sync = Sync(ctx.Barrier(2), ctx.Event(), ctx.Event())
         for role in ("consumer", "producer"):
             r, w = ctx.Pipe(duplex=False)
             proc = ctx.Process(
-                target=_child_main, args=(role, channels, params, barrier, warm, w),
+                target=_child_main, args=(role, channels, params, sync, w, os.getpid()),
                 name=f"bench-{case.scenario}-{case.peer}-{role}", daemon=True,
             )
             proc.start()
             w.close()
             procs[role], conns[role] = proc, r
-        deadline = time.monotonic() + _case_timeout(case)
+        deadline = time.monotonic() + timeout
         waiting = dict(conns)
         while waiting:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise CaseFailed("timeout", f"no result from {', '.join(waiting)} within "
-                                 f"{_case_timeout(case):.0f} s (hang?)")
+                                 f"{timeout:.0f} s (hang?)")
             watched = [*waiting.values(), *(procs[role].sentinel for role in waiting)]
             ready = mp.connection.wait(watched, remaining)
             for role, conn in list(waiting.items()):
@@ -1119,29 +1183,61 @@ def run_case(ctx: Any, case: Case) -> dict[str, dict[str, Any]]:
                 elif exited:
                     raise CaseFailed("error", f"{role} died without a result "
                                      f"(exit code {procs[role].exitcode})")
-        return results
+        grace = JOIN_TIMEOUT
     finally:
         for proc in procs.values():
-            _stop(proc)
+            _stop(proc, grace)
         for conn in conns.values():
             conn.close()
         for ch in channels:
             ch.destroy()
+    busy1, steal1 = _machine_cpu()
+    wall = time.monotonic() - wall0
+    ours = _family_cpu() - own0  # this process and its reaped children, exit work included
+    results["load"] = {"wall_s": wall, "foreign_cpu_s": max(0.0, busy1 - busy0 - ours),
+                       "steal_cpu_s": steal1 - steal0}
+    return results
 
 
-@functools.cache
-def _expected_crc(total: int) -> int:
-    crc = 0
-    for start in range(0, total, 1 << 16):
-        crc = zlib.crc32(make_messages(start, min(1 << 16, total - start)), crc)
-    return crc
+def _machine_cpu() -> tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine so far, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def _family_cpu() -> float:
+    """CPU seconds of this process and of its children that have been waited for."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _own_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _seq_sum(total: int) -> int:
+    return total * (total - 1) // 2
 
 
 def summarize(case: Case, res: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The metrics of one case; also cross-checks the consumer's checksum."""
     p = case.params
-    prod, cons = res["producer"], res["consumer"]
-    out: dict[str, Any] = {}
+    prod, cons, load = res["producer"], res["consumer"], res["load"]
+    # Other processes' CPU use meanwhile, in CPUs (2.0 = both cores of a 2-core machine): the
+    # machine is shared, and a busy neighbour skews a run (it is reported, not corrected).
+    out: dict[str, Any] = {
+        "bg_load_cpus": load["foreign_cpu_s"] / load["wall_s"],
+        "steal_cpus": load["steal_cpu_s"] / load["wall_s"],
+        "cpu_s": {"producer": prod.pop("cpu_s"), "consumer": cons.pop("cpu_s")},
+    }
     if case.scenario in ("msg", "batch", "frames"):
         seconds = (cons["t_end_ns"] - prod["t0_ns"]) / 1e9
         out["seconds"] = seconds
@@ -1150,23 +1246,50 @@ def summarize(case: Case, res: dict[str, dict[str, Any]]) -> dict[str, Any]:
             out["alloc_retries"] = prod["alloc_retries"]
     if case.scenario in ("msg", "batch"):
         n, total = p["messages"], p["messages"] + p["msg_warmup"]
-        if cons["received"] != total or cons["crc32"] != _expected_crc(total):
-            raise CaseFailed("verification", f"consumer checksum {cons['crc32']:#010x} over "
-                             f"{cons['received']} messages, expected {_expected_crc(total):#010x}")
-        out.update(messages=n, msgs_per_s=n / out["seconds"], crc32=cons["crc32"])
+        if cons["received"] != total or cons["seq_sum"] != _seq_sum(total):
+            raise CaseFailed("verification", f"consumer got {cons['received']} messages with "
+                             f"seq sum {cons['seq_sum']}, expected {total} and {_seq_sum(total)}")
+        out.update(messages=n, msgs_per_s=n / out["seconds"], seq_sum=cons["seq_sum"])
     elif case.scenario == "frames":
         n, total = p["frames"], p["frames"] + p["frame_warmup"]
-        if cons["frame_id_sum"] != total * (total - 1) // 2:
+        if cons["frame_id_sum"] != _seq_sum(total):
             raise CaseFailed("verification", "frame id checksum mismatch")
         out.update(frames=n, frames_per_s=n / out["seconds"],
                    gb_per_s=n * FRAME_BYTES / out["seconds"] / 1e9,
                    frame_id_sum=cons["frame_id_sum"])
     else:
         total = p["rounds"] + p["rtt_warmup"]
-        if cons["echoed"] != total or cons["crc32"] != _expected_crc(total):
+        if cons["echoed"] != total or cons["seq_sum"] != _seq_sum(total):
             raise CaseFailed("verification", "ponger checksum mismatch")
         out.update(prod)
     return out
+
+
+PRIMARY = {  # the metric that ranks runs, and whether higher is better
+    "msg": ("msgs_per_s", True),
+    "batch": ("msgs_per_s", True),
+    "frames": ("frames_per_s", True),
+    "rtt": ("p50_us", False),
+}
+
+
+def make_entry(case: Case, runs: list[dict[str, Any]],
+               failure: dict[str, Any] | None) -> dict[str, Any]:
+    """One table row: the median run's metrics, every run's, and the spread; or the failure.
+
+    Runs during which other processes kept the CPUs busy are left out when there are quiet ones.
+    """
+    entry: dict[str, Any] = {"scenario": case.scenario, "peer": case.peer, "note": case.note}
+    if failure is not None:
+        return {**entry, "ok": False, **failure, "runs": runs}
+    key, higher = PRIMARY[case.scenario]
+    quiet = [r for r in runs if r["bg_load_cpus"] <= BG_LOAD_WARN] or runs
+    ranked = sorted(quiet, key=lambda r: r[key], reverse=higher)
+    median = ranked[len(ranked) // 2]
+    return {**entry, "ok": True, **median, "primary": key,
+            "primary_all": [r[key] for r in quiet],
+            "bg_load_max": max(r["bg_load_cpus"] for r in quiet),
+            "runs_used": len(quiet), "runs": runs}
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -1197,6 +1320,11 @@ def machine_info() -> dict[str, Any]:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
+    # upipe changes under our feet during development: fingerprint exactly what was measured.
+    digest = hashlib.sha256()
+    pkg = Path(upipe.__file__).resolve().parent
+    for path in sorted(pkg.glob("*.py")) + sorted(pkg.glob("*.so")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return {
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
@@ -1209,6 +1337,7 @@ def machine_info() -> dict[str, Any]:
         "versions": {name: version(name) for name in
                      ("upipe", "numpy", "pyzmq", "faster-fifo", "cffi")},
         "upipe_git": git_rev,
+        "upipe_source_sha256": digest.hexdigest()[:16],
     }
 
 
@@ -1216,7 +1345,15 @@ def _fmt_rate(x: float | None, unit: float, digits: int = 2) -> str:
     return "-" if x is None else f"{x / unit:.{digits}f}"
 
 
+def _spread(e: dict[str, Any], unit: float, digits: int) -> str:
+    values = e.get("primary_all") or []
+    if len(values) < 2:
+        return ""
+    return f"{min(values) / unit:.{digits}f}-{max(values) / unit:.{digits}f}"
+
+
 def print_tables(entries: list[dict[str, Any]]) -> None:
+    """One table per scenario; "range" is the spread of the main metric over the repeats."""
     for sc in ("msg", "batch", "frames", "rtt"):
         rows = [e for e in entries if e["scenario"] == sc]
         if not rows:
@@ -1224,34 +1361,33 @@ def print_tables(entries: list[dict[str, Any]]) -> None:
         print(f"\n== {PRETTY[sc]} ==")
         if sc in ("msg", "batch"):
             ref = next((e.get("msgs_per_s") for e in rows if e["peer"] == "upipe"), None)
-            print(f"{'peer':<16}{'Mmsg/s':>9}{'seconds':>9}{'upipe x':>9}  notes")
+            print(f"{'peer':<16}{'M msg/s':>9}{'range':>14}{'seconds':>9}{'upipe is':>10}  notes")
             for e in rows:
                 rate = e.get("msgs_per_s")
-                rel = f"{ref / rate:.1f}" if rate and ref else "-"
-                print(f"{e['peer']:<16}{_fmt_rate(rate, 1e6, 3):>9}"
-                      f"{_fmt_rate(e.get('seconds'), 1, 3):>9}{rel:>9}  {_status(e)}")
+                rel = f"{ref / rate:.2f}x" if rate and ref else "-"
+                print(f"{e['peer']:<16}{_fmt_rate(rate, 1e6, 3):>9}{_spread(e, 1e6, 3):>14}"
+                      f"{_fmt_rate(e.get('seconds'), 1, 3):>9}{rel:>10}  {_status(e)}")
         elif sc == "frames":
-            print(f"{'peer':<16}{'frames/s':>10}{'GB/s':>8}{'seconds':>9}  notes")
+            print(f"{'peer':<16}{'frames/s':>9}{'range':>14}{'GB/s':>7}{'seconds':>9}  notes")
             for e in rows:
-                extra = ""
-                if e.get("alloc_retries"):
-                    extra = f" [alloc retried {e['alloc_retries']}x]"
-                print(f"{e['peer']:<16}{_fmt_rate(e.get('frames_per_s'), 1, 0):>10}"
-                      f"{_fmt_rate(e.get('gb_per_s'), 1):>8}"
+                extra = f" [alloc retried {e['alloc_retries']}x]" if e.get("alloc_retries") else ""
+                print(f"{e['peer']:<16}{_fmt_rate(e.get('frames_per_s'), 1, 0):>9}"
+                      f"{_spread(e, 1, 0):>14}{_fmt_rate(e.get('gb_per_s'), 1):>7}"
                       f"{_fmt_rate(e.get('seconds'), 1, 3):>9}  {_status(e)}{extra}")
         else:
-            print(f"{'peer':<16}{'p50 us':>8}{'p90 us':>8}{'p99 us':>8}{'mean us':>9}"
-                  f"{'max us':>9}  notes")
+            print(f"{'peer':<16}{'p50 us':>8}{'range':>12}{'p90 us':>8}{'p99 us':>8}"
+                  f"{'mean us':>9}{'max us':>8}  notes")
             for e in rows:
                 print(f"{e['peer']:<16}{_fmt_rate(e.get('p50_us'), 1, 1):>8}"
-                      f"{_fmt_rate(e.get('p90_us'), 1, 1):>8}"
-                      f"{_fmt_rate(e.get('p99_us'), 1, 1):>8}"
-                      f"{_fmt_rate(e.get('mean_us'), 1, 1):>9}"
-                      f"{_fmt_rate(e.get('max_us'), 1, 0):>9}  {_status(e)}")
+                      f"{_spread(e, 1, 1):>12}{_fmt_rate(e.get('p90_us'), 1, 1):>8}"
+                      f"{_fmt_rate(e.get('p99_us'), 1, 1):>8}{_fmt_rate(e.get('mean_us'), 1, 1):>9}"
+                      f"{_fmt_rate(e.get('max_us'), 1, 0):>8}  {_status(e)}")
 
 
 def _status(e: dict[str, Any]) -> str:
     if e["ok"]:
+        if e["bg_load_max"] > BG_LOAD_WARN:
+            return f"{e['note']} [background load up to {e['bg_load_max']:.2f} CPU]"
         return e["note"]
     return f"FAILED ({e['failure']}): {e['error'].splitlines()[0][:120]}"
 
@@ -1305,6 +1441,10 @@ def print_targets(targets: list[dict[str, Any]]) -> None:
 # -- main --------------------------------------------------------------------------------------
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller counts (a quick smoke run)")
@@ -1315,6 +1455,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated subset of: msg,batch,frames,rtt")
     ap.add_argument("--peers", default=",".join(PEERS),
                     help="comma-separated subset of: " + ",".join(PEERS))
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs per case; the median run is reported (default: %(default)s)")
+    ap.add_argument("--case-timeout", type=float, default=0.0,
+                    help="seconds before a case counts as hung (default: scaled to its size)")
     args = ap.parse_args(argv)
 
     sizes = {
@@ -1325,12 +1469,17 @@ def main(argv: list[str] | None = None) -> int:
         "frame_warmup": FRAME_WARMUP,
         "rtt_warmup": RTT_WARMUP // 2 if args.quick else RTT_WARMUP,
     }
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that `finally` reaps the children
     scenarios = set(args.scenarios.split(","))
     peers = set(args.peers.split(","))
     unknown = (scenarios - set(PRETTY)) | (peers - set(PEERS))
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
     if unknown:
         ap.error(f"unknown scenario/peer: {', '.join(sorted(unknown))}")
     cases = [c for c in build_cases(sizes) if c.scenario in scenarios and c.peer in peers]
+    for c in cases:
+        c.params["case_timeout"] = args.case_timeout
 
     info = machine_info()
     print(f"upipe queue benchmark ({'quick' if args.quick else 'full'}): "
@@ -1341,41 +1490,63 @@ def main(argv: list[str] | None = None) -> int:
         print("note: the shared_memory baseline needs x86-64 ordering; skipped on this machine")
 
     ctx = mp.get_context("spawn")
-    entries: list[dict[str, Any]] = []
     started = time.monotonic()
-    for case in cases:
-        label = f"[{case.scenario}] {case.peer}"
-        print(f"running {label} ...", end=" ", flush=True)
-        t = time.monotonic()
-        entry: dict[str, Any] = {"scenario": case.scenario, "peer": case.peer,
-                                 "note": case.note, "ok": True}
-        try:
-            entry.update(summarize(case, run_case(ctx, case)))
-            print(f"ok ({time.monotonic() - t:.1f} s)", flush=True)
-        except ImportError as exc:
-            entry.update(ok=False, failure="unavailable", error=str(exc))
-            print(f"skipped: {exc}", flush=True)
-        except CaseFailed as exc:
-            entry.update(ok=False, failure=exc.kind, error=str(exc))
-            print(f"FAILED ({exc.kind})", flush=True)
-        except Exception as exc:
-            entry.update(ok=False, failure="error",
-                         error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-            print(f"FAILED (error: {type(exc).__name__}: {exc})", flush=True)
-        entries.append(entry)
+    runs: dict[int, list[dict[str, Any]]] = {id(c): [] for c in cases}
+    failed: dict[int, dict[str, Any]] = {}
+    # Repeats go round-robin over the cases, so slow drifts of the machine hit every peer alike.
+    # A run during which other processes were busy is repeated (up to --repeat extra rounds).
+    def quiet_runs(case: Case) -> int:
+        return sum(r["bg_load_cpus"] <= BG_LOAD_WARN for r in runs[id(case)])
+
+    for rnd in range(2 * args.repeat):
+        todo = [c for c in cases if id(c) not in failed
+                and (len(runs[id(c)]) < args.repeat if rnd < args.repeat
+                     else quiet_runs(c) < args.repeat)]
+        if not todo:
+            break
+        for case in todo:
+            label = f"round {rnd + 1}" + (" (extra: background load)" if rnd >= args.repeat else "")
+            print(f"{label} [{case.scenario}] {case.peer} ...", end=" ", flush=True)
+            t = time.monotonic()
+            try:
+                runs[id(case)].append(summarize(case, run_case(ctx, case)))
+                bg = runs[id(case)][-1]["bg_load_cpus"]
+                print(f"ok ({time.monotonic() - t:.1f} s"
+                      + (f", background load {bg:.2f} CPU" if bg > BG_LOAD_WARN else "") + ")",
+                      flush=True)
+            except ImportError as exc:
+                failed[id(case)] = {"failure": "unavailable", "error": str(exc)}
+                print(f"skipped: {exc}", flush=True)
+            except CaseFailed as exc:
+                failed[id(case)] = {"failure": exc.kind, "error": str(exc)}
+                print(f"FAILED ({exc.kind}): {str(exc).splitlines()[0]}", flush=True)
+            except Exception as exc:
+                failed[id(case)] = {"failure": "error", "error": f"{type(exc).__name__}: "
+                                    f"{exc}\n{traceback.format_exc()}"}
+                print(f"FAILED (error: {type(exc).__name__}: {exc})", flush=True)
+    entries = [make_entry(c, runs[id(c)], failed.get(id(c))) for c in cases]
 
     print_tables(entries)
     targets = evaluate_targets(entries)
     print_targets(targets)
+    noisy = [e for e in entries if e["ok"] and e["bg_load_max"] > BG_LOAD_WARN]
+    if noisy:
+        print(f"\nnote: other processes used the CPUs during {len(noisy)} case(s) (see "
+              "'background load'): those numbers are pessimistic; re-run on a quiet machine")
+    digest_after = machine_info()["upipe_source_sha256"]
+    if digest_after != info["upipe_source_sha256"]:
+        print("\nWARNING: upipe's sources changed during the run: results mix two versions")
 
     failures = [e for e in entries if not e["ok"] and e["failure"] != "unavailable"]
     report = {
         "machine": info,
         "mode": "quick" if args.quick else "full",
+        "repeat": args.repeat,
         "sizes": sizes,
         "constants": {"msg_size": MSG_SIZE, "batch": BATCH, "frame_bytes": FRAME_BYTES,
                       "msg_depth": MSG_DEPTH, "frame_depth": FRAME_DEPTH},
         "wall_seconds": time.monotonic() - started,
+        "upipe_source_sha256_after": digest_after,
         "results": entries,
         "targets": targets,
         "failures": [{k: e[k] for k in ("scenario", "peer", "failure", "error")}
