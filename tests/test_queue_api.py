@@ -338,7 +338,9 @@ def test_release_frees_now_and_use_after_release_does_not_crash() -> None:
     a = q.alloc_array(1 << 18, np.float32)
     b = q.alloc_array(1 << 18, np.float32)
     with pytest.raises(Full, match="no free chunk"):
-        q.alloc(1 << 20)
+        q.alloc(1 << 20, block=False)
+    with pytest.raises(Full, match="after 0.05 s"):
+        q.alloc(1 << 20, timeout=0.05)
     q.release(a)
     c = q.alloc(1 << 20)  # a's chunk came back
     assert float(a[0]) == float(a[0])  # reading a released view is allowed (recycled bytes)
@@ -429,3 +431,21 @@ def test_queue_creates_no_dev_shm_entry() -> None:
     assert created == set()  # segments are anonymous memfds: nothing to leak there
     for q in queues:
         q.detach()
+
+
+def test_alloc_waits_for_a_chunk_freed_by_another_thread() -> None:
+    q = Queue(maxsize=4, max_bytes=4 << 20, chunk_sizes={1 << 20: 1})
+    held = q.alloc(1 << 20)
+    freer = threading.Timer(0.1, q.release, args=(held,))
+    freer.start()
+    try:
+        start = time.monotonic()
+        again = q.alloc(1 << 20, timeout=10)  # blocks until the timer releases the chunk
+        assert time.monotonic() - start >= 0.05
+        assert len(again) == 1 << 20
+    finally:
+        freer.cancel()
+        freer.join()
+    q.close()
+    with pytest.raises(Closed):
+        q.alloc(1 << 20)  # no free chunk, and no put would take one: Closed, not a wait

@@ -126,7 +126,7 @@ class QueueMachine(RuleBasedStateMachine):
     def alloc(self, fill: int) -> None:
         if self.chunks_in_use() >= 3:
             try:
-                self.q.alloc(10_000)
+                self.q.alloc(10_000, block=False)
             except Full:
                 return
             raise AssertionError("expected Full from alloc")

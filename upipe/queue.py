@@ -50,6 +50,8 @@ TOKEN_PREFIX = "upipe-queue:1:"
 
 __all__ = ["Queue", "QueueStatistics"]
 
+_NOTHING: Any = object()  # "no item yet" from Queue._try_get (None is a valid item)
+
 
 @dataclass(frozen=True)
 class QueueStatistics:
@@ -445,6 +447,8 @@ class Queue:
         :raises Empty: no item (at once if not ``block``, else after ``timeout``).
         :raises Closed: the queue is closed and drained.
         """
+        # The small-bytes fast path, inlined here because it is most of the calls; the rest is
+        # _try_get's.
         bufs = self._bufs  # one private out-buffer per concurrent caller: threads may share a queue
         out, view = bufs.pop() if bufs else self._seg.new_out_buffer()
         n = self._get_b(out)
@@ -453,31 +457,45 @@ class Queue:
             bufs.append((out, view))
             return data
         bufs.append((out, view))
-        if n == -EBADMSG:
-            rc, kind, meta, payload = self._seg.get()
-            if rc >= 0:
-                return codec.decode(kind, meta, payload)
-        else:
-            rc = n
-        if rc == -EPIPE:
-            raise Closed("the queue is closed and drained")
-        if rc not in (-ENOENT, -EAGAIN):
-            raise UpipeError(f"get failed: {os.strerror(-rc)}")
+        item = self._try_get(n)
+        if item is not _NOTHING:
+            return item
         if not block:
             raise Empty("queue is empty")
         timeout = _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
         while True:
             waited = self._block((WAIT_READABLE, 0), deadline)
+            item = self._try_get()
+            if item is not _NOTHING:
+                return item
+            if not waited:
+                raise Empty(f"no item within {timeout} s")
+
+    def _try_get(self, fast_rc: int | None = None) -> Any:
+        """One attempt: the item, or _NOTHING if there is none yet. ``fast_rc`` is the result
+        of a fast-path attempt the caller already made (so none is made here)."""
+        if fast_rc is None:
+            bufs = self._bufs
+            out, view = bufs.pop() if bufs else self._seg.new_out_buffer()
+            fast_rc = self._get_b(out)
+            if fast_rc >= 0:
+                data = view[16:16 + fast_rc]
+                bufs.append((out, view))
+                return data
+            bufs.append((out, view))
+        rc = fast_rc
+        if rc == -EBADMSG:  # the next item is not small bytes: the general path decodes it
             rc, kind, meta, payload = self._seg.get()
             if rc >= 0:
                 if kind == codec.KIND_BYTES and payload.__class__ is bytes:
                     return payload
                 return codec.decode(kind, meta, payload)
-            if rc == -EPIPE:
-                raise Closed("the queue is closed and drained")
-            if not waited:
-                raise Empty(f"no item within {timeout} s")
+        if rc == -EPIPE:
+            raise Closed("the queue is closed and drained")
+        if rc not in (-ENOENT, -EAGAIN):
+            raise UpipeError(f"get failed: {os.strerror(-rc)}")
+        return _NOTHING
 
     def get_nowait(self) -> Any:
         """``get(block=False)``."""
@@ -646,37 +664,68 @@ class Queue:
 
     # -- zero copy ----------------------------------------------------------------------------
 
-    def alloc(self, nbytes: int) -> memoryview:
+    def alloc(
+        self, nbytes: int, block: bool = True, timeout: float | None = None
+    ) -> memoryview:
         """A writable buffer of ``nbytes`` in shared memory; ``put`` of it moves no payload.
 
+        Waits for a free chunk if ``block`` (up to ``timeout`` seconds), like :meth:`put` waits
+        for room: chunks come back as consumers drop or release what they got.
         After the put it belongs to the queue: do not write it again. It is freed when the last
         reference to it dies, or at once by :meth:`release`.
 
         :raises MessageTooLarge: larger than ``max_message_size``.
-        :raises Full: no free chunk of that size (they are all in the queue or held).
+        :raises Full: no free chunk of that size (at once if not ``block``, else after
+            ``timeout``): they are all in the queue or held.
+        :raises Closed: the queue is closed and a wait would be needed (no put would take the
+            buffer).
         """
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
             raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
-        chunk = self._seg.alloc(max(nbytes, 1))
+        seg = self._seg
+        chunk = seg.alloc(nbytes or 1)
+        if chunk >= 0:
+            return seg.lease_view(chunk, nbytes, readonly=False)
         if chunk == -EMSGSIZE:
             raise MessageTooLarge(
                 f"alloc({nbytes}) is larger than max_message_size={self._max_message_size}: "
                 "create the Queue with a larger max_message_size"
             )
-        if chunk < 0:
-            raise Full(
-                f"no free chunk of {nbytes} bytes: release buffers you hold or raise max_bytes"
-            )
-        return self._seg.lease_view(chunk, nbytes, readonly=False)
+        timeout = _check_timeout(timeout) if block else None
+        deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
+        wait = (WAIT_CHUNK, seg.class_for(nbytes or 1))
+        while True:
+            if not block:
+                raise Full(
+                    f"no free chunk of {nbytes} bytes: release buffers you hold or raise max_bytes"
+                )
+            if seg.is_closed():  # waiting for a buffer that no put would take
+                raise Closed("alloc on a closed queue")
+            waited = self._block(wait, deadline)
+            chunk = seg.alloc(nbytes or 1)
+            if chunk >= 0:
+                return seg.lease_view(chunk, nbytes, readonly=False)
+            if not waited:
+                raise Full(
+                    f"no free chunk of {nbytes} bytes after {timeout} s: release buffers you "
+                    "hold or raise max_bytes"
+                )
 
-    def alloc_array(self, shape: int | Sequence[int], dtype: Any = np.float64) -> np.ndarray:
+    def alloc_array(
+        self,
+        shape: int | Sequence[int],
+        dtype: Any = np.float64,
+        block: bool = True,
+        timeout: float | None = None,
+    ) -> np.ndarray:
         """A writable ndarray in shared memory (see :meth:`alloc`)."""
-        dt = np.dtype(dtype)
+        dt = dtype if dtype.__class__ is np.dtype else np.dtype(dtype)
         if not codec.plain_dtype(dt):
             raise ValueError(f"alloc_array needs a plain dtype (no objects or fields), got {dt}")
         shp = (shape,) if isinstance(shape, int) else tuple(shape)
-        nbytes = int(np.prod(shp, dtype=np.int64)) * dt.itemsize
-        buf = self.alloc(nbytes)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shp):
+            raise ValueError(f"shape must be ints >= 0, got {shape!r}")
+        buf = self.alloc(math.prod(shp) * dt.itemsize, block, timeout)
         return np.frombuffer(buf, dtype=dt).reshape(shp)
 
     def release(self, obj: Any) -> None:
