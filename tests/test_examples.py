@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+# Scripts in examples/, and the pipe script of each multi-file example (examples/<name>/pipe.py).
+EXAMPLES = sorted((ROOT / "examples").glob("*.py")) + sorted((ROOT / "examples").glob("*/pipe.py"))
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(ROOT / "examples")))
 def test_example_runs(path: Path, no_leaks: None) -> None:
     assert path.read_text().lstrip().startswith('"""'), "every example starts with a docstring"
     args = [sys.executable, str(path)]
@@ -26,8 +27,9 @@ def test_example_runs(path: Path, no_leaks: None) -> None:
 
 
 def test_every_example_is_tested() -> None:
-    assert {p.name for p in EXAMPLES} >= {"queue_demo.py", "zero_copy_frames.py",
-                                          "async_queue.py", "subprocess_attach.py"}
+    names = {str(p.relative_to(ROOT / "examples")) for p in EXAMPLES}
+    assert names >= {"queue_demo.py", "zero_copy_frames.py", "async_queue.py",
+                     "subprocess_attach.py", "inline.py", "plus_one/pipe.py"}
 
 
 def _shell_blocks(text: str) -> list[str]:

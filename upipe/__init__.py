@@ -20,6 +20,8 @@ from .errors import (
     UpipeError,
     VersionMismatch,
 )
+from .pipe import Pipe, PipeStatistics
+from .processor import Processor, ProcessorError
 from .queue import Queue, QueueStatistics
 
 __version__ = "0.1.0"
@@ -31,6 +33,10 @@ __all__ = [
     "HangsInCreation",
     "MessageTooLarge",
     "NotOwner",
+    "Pipe",
+    "PipeStatistics",
+    "Processor",
+    "ProcessorError",
     "Queue",
     "QueueStatistics",
     "SegmentError",

@@ -750,6 +750,12 @@ class Queue:
         :raises Full: still no room after ``timeout`` seconds.
         :raises Closed: the queue is closed.
         """
+        if obj.__class__ is bytes and len(obj) <= self._inline_max:  # put's fast path
+            rc = self._put_b(obj, len(obj))
+            if rc == 0:
+                return
+            if rc == -EPIPE:
+                raise Closed("put on a closed queue")
         timeout = _check_timeout(timeout)
         pending = _PendingPut(self, obj)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -867,11 +873,29 @@ def _rebuild_queue(
 ) -> Queue:
     fds = [memfd.detach(), efd_data.detach(), efd_space.detach()]
     try:
-        q = Queue.__new__(Queue)
-        q._setup(Segment.attach(fds[0], fds[1], fds[2], config), maxsize, spin)
-        return q
+        return attach_fds((fds[0], fds[1], fds[2]), (config, maxsize, spin))
     finally:
         for fd in fds:
             os.close(fd)
+
+
+QueueShape = tuple[SegmentConfig, int, float]
+"""What, besides its three fds, a process needs to attach to a queue (see :func:`share`)."""
+
+
+def share(q: Queue) -> tuple[tuple[int, int, int], QueueShape]:
+    """The queue's fds (memfd, data eventfd, space eventfd; still owned by q) and its shape:
+    send both to another process (e.g. ``socket.send_fds``) and call :func:`attach_fds` there.
+    Used by the pipe's control plane."""
+    return q._seg.fds(), (q._seg.config, q._maxsize, q._spin)
+
+
+def attach_fds(fds: tuple[int, int, int], shape: QueueShape) -> Queue:
+    """Attach to a queue from its fds and shape (from :func:`share`); the fds stay the
+    caller's (the segment duplicates what it keeps)."""
+    config, maxsize, spin = shape
+    q = Queue.__new__(Queue)
+    q._setup(Segment.attach(fds[0], fds[1], fds[2], config), maxsize, spin)
+    return q
 
 

@@ -1,0 +1,669 @@
+"""Pipe: the pipeline. It wires processors together, starts their workers and supervises them.
+
+``start()`` checks the topology, creates one shared-memory input queue per processor (and one
+output queue for what the sinks emit), opens the control socket and starts every instance.
+Then it supervises: a worker's exit is seen at once (a pidfd in the event loop). An exit with
+status 0 is an instance that finished; when every instance of a processor has finished, the
+input of each downstream processor whose upstreams have all finished is closed, so those
+drain and finish in turn: that is how the end of the stream travels down the pipe. A worker
+that raised fails the pipe with its traceback; a worker that died (killed, crashed) has the
+queues repaired and is restarted, up to its processor's ``restarts``.
+
+Nothing outlives the pipe: workers get a parent-death signal and watch the control socket,
+and the pipe kills and reaps whatever is left when it ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.process
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import control, worker
+from .errors import Closed, Empty, UpipeError
+from .processor import Processor, ProcessorError
+from .queue import Queue, share
+
+__all__ = ["Pipe", "PipeStatistics"]
+
+log = logging.getLogger("upipe.pipe")
+
+DEFAULT_OUTPUT_SIZE = 256
+TERMINATE_TIMEOUT = 30.0  # seconds terminate() lets in-flight frames finish before it kills
+HANDSHAKE_TIMEOUT = 5.0
+
+
+@dataclass
+class _Worker:
+    node: _Node
+    instance: int
+    handle: Any  # subprocess.Popen or multiprocessing.Process
+    pid: int
+    pidfd: int = -1
+    conn: socket.socket | None = None
+    inbox: bytearray = field(default_factory=bytearray)
+    error: str | None = None
+    joined: bool = False
+    signalled: bool = False  # we sent it SIGTERM (terminate) or SIGKILL (kill)
+
+
+@dataclass
+class _Node:
+    proc: Processor
+    is_root: bool
+    upstream: list[_Node] = field(default_factory=list)
+    downstream: list[_Node] = field(default_factory=list)
+    input: Queue | None = None
+    workers: dict[int, _Worker] = field(default_factory=dict)  # running, by instance
+    restarts_used: int = 0
+    finished: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.proc.name
+
+
+@dataclass(frozen=True)
+class PipeStatistics:
+    """Per-processor counts: what the pipe knows about its workers and queues."""
+
+    processors: dict[str, dict[str, Any]]
+    discarded_outputs: int
+
+
+class Pipe:
+    """A pipeline of processors.
+
+    ::
+
+        pipe = Pipe('plus-one')
+        pipe.add(a).add(b)
+        await pipe.start()
+        await pipe.wait_for_completion()
+
+    :param name: shown in errors and in the monitor.
+    :param start_method: ``"spawn"`` (default) or ``"forkserver"``: how ``func=`` workers
+        start (``entry=`` scripts always start as a fresh ``python script``).
+    :param output_size: the capacity of the queue that collects what sinks emit.
+    """
+
+    def __init__(self, name: str, *, start_method: str = "spawn",
+                 output_size: int = DEFAULT_OUTPUT_SIZE) -> None:
+        if not isinstance(name, str) or not name or "\0" in name or "/" in name:
+            raise ValueError(f"a pipe's name must be a non-empty string without '/', got {name!r}")
+        if start_method not in ("spawn", "forkserver"):
+            raise ValueError("start_method must be 'spawn' or 'forkserver' (a bare fork would "
+                             f"copy a running event loop), got {start_method!r}")
+        self.name = name
+        self.start_method = start_method
+        self.output_size = output_size
+        self._roots: list[Processor | str] = []
+        self._nodes: dict[str, _Node] = {}
+        self._state = "new"
+        self._output: Queue | None = None
+        self._listener: socket.socket | None = None
+        self._address = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._terminating = False
+        self._signal: int | None = None
+        self._signals_installed: list[int] = []
+        self._by_pid: dict[int, _Worker] = {}
+        self._drain_task: asyncio.Task[None] | None = None
+        self._pending_reply: asyncio.Future[Any] | None = None
+        self._request_lock: asyncio.Lock | None = None
+        self._discarded = 0
+        self._lost_reported: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"<upipe.Pipe {self.name!r} {self._state} processors={list(self._nodes) or '?'}>"
+
+    # -- topology -----------------------------------------------------------------------------
+
+    def add(self, proc: Processor | str) -> Processor | str:
+        """Add a root processor (it receives what ``pipe.emit`` injects); returns it, so
+        ``pipe.add(a).add(b)`` chains."""
+        if self._state != "new":
+            raise UpipeError(f"pipe {self.name!r} has started: its topology is fixed")
+        if not isinstance(proc, (Processor, str)):
+            raise TypeError(f"add() takes a Processor or a processor's name, got {proc!r}")
+        self._roots.append(proc)
+        return proc
+
+    def _build(self) -> None:
+        """Resolve names, refuse duplicates, unknown names, missing code and cycles."""
+        objects: dict[str, Processor] = {}
+        order: list[Processor] = []
+        stack = [p for p in self._roots if isinstance(p, Processor)]
+        seen: set[int] = set()
+        while stack:
+            p = stack.pop()
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            other = objects.get(p.name)
+            if other is not None and other is not p:
+                raise ValueError(f"pipe {self.name!r}: two different processors are named "
+                                 f"{p.name!r}; names must be unique within a pipe")
+            objects[p.name] = p
+            order.append(p)
+            stack.extend(d for d in p.downstream if isinstance(d, Processor))
+        if not objects:
+            raise ValueError(f"pipe {self.name!r} has no processors: pipe.add(processor) first")
+
+        def resolve(ref: Processor | str, who: str) -> Processor:
+            if isinstance(ref, Processor):
+                return ref
+            if ref not in objects:
+                raise ValueError(f"pipe {self.name!r}: {who} names an unknown processor {ref!r} "
+                                 f"(the pipe has: {', '.join(sorted(objects))})")
+            return objects[ref]
+
+        roots = {resolve(r, "pipe.add()").name for r in self._roots}
+        nodes = {p.name: _Node(p, p.name in roots) for p in order}
+        for p in order:
+            if p.func is None and p.entry is None:
+                raise ValueError(
+                    f"processor {p.name!r} has neither func= nor entry=: in the pipe script "
+                    f"declare it with the code to run, e.g. Processor({p.name!r}, "
+                    f"entry='./{p.name}.py') or Processor({p.name!r}, func=module_function)")
+            if p.entry is not None and not Path(p.entry).is_file():
+                raise FileNotFoundError(
+                    f"processor {p.name!r}: entry script {p.entry!r} not found (relative paths "
+                    f"are from the current directory, {os.getcwd()})")
+            for ref in p.downstream:
+                d = nodes[resolve(ref, f"processor {p.name!r}").name]
+                if d in nodes[p.name].downstream:
+                    raise ValueError(f"pipe {self.name!r}: {p.name!r} is added to {d.name!r} twice")
+                nodes[p.name].downstream.append(d)
+                d.upstream.append(nodes[p.name])
+        # cycles: depth-first, white/grey/black
+        colour: dict[str, int] = {}
+
+        def visit(n: _Node, path: list[str]) -> None:
+            colour[n.name] = 1
+            for d in n.downstream:
+                if colour.get(d.name) == 1:
+                    cycle = path[path.index(d.name):] + [d.name]
+                    raise ValueError(f"pipe {self.name!r} has a cycle: {' -> '.join(cycle)}; "
+                                     "frames must flow one way")
+                if not colour.get(d.name):
+                    visit(d, path + [d.name])
+            colour[n.name] = 2
+
+        for n in nodes.values():
+            if not colour.get(n.name):
+                visit(n, [n.name])
+        self._nodes = nodes
+
+    # -- starting -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check the topology, create the queues and start every processor's instances."""
+        if self._state != "new":
+            raise UpipeError(f"pipe {self.name!r} was already started")
+        self._build()
+        self._loop = loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        self._request_lock = asyncio.Lock()
+        self._state = "running"
+        try:
+            for node in self._nodes.values():
+                node.input = Queue(**node.proc.queue_options)
+            self._output = Queue(maxsize=self.output_size)
+            self._open_control()
+            self._install_signal_handlers()
+            for node in self._nodes.values():
+                for i in range(node.proc.instances):
+                    self._spawn(node, i)
+        except BaseException:
+            self._shutdown()
+            raise
+        self._drain_task = loop.create_task(self._drain_outputs())
+
+    def _open_control(self) -> None:
+        assert self._loop is not None
+        self._address = control.new_address(self.name)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.bind(control.sockaddr(self._address))
+        sock.listen(64)
+        sock.setblocking(False)
+        self._listener = sock
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    def _spawn(self, node: _Node, instance: int) -> None:
+        assert self._loop is not None
+        env = {
+            control.ENV_ADDRESS: self._address,
+            control.ENV_PROCESSOR: node.name,
+            control.ENV_INSTANCE: str(instance),
+            "UPIPE_PIPE_PID": str(os.getpid()),
+        }
+        proc = node.proc
+        handle: Any
+        if proc.entry is not None:
+            handle = subprocess.Popen(
+                [sys.executable, proc.entry], env={**os.environ, **env}, process_group=0,
+                close_fds=True,
+            )
+            pid = handle.pid
+        else:
+            ctx: Any = multiprocessing.get_context(self.start_method)
+            handle = ctx.Process(
+                target=worker.run_worker, args=(proc.func, node.name, env),
+                name=f"upipe:{self.name}:{node.name}:{instance}",
+            )
+            handle.start()
+            # The pipe reaps its workers itself; multiprocessing's exit hook must not wait for
+            # them (it would wait forever for workers that only die when this process does).
+            multiprocessing.process._children.discard(handle)  # type: ignore[attr-defined]
+            pid = handle.pid
+        w = _Worker(node, instance, handle, pid)
+        node.workers[instance] = w
+        self._by_pid[pid] = w
+        try:
+            w.pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:  # already gone and reaped: impossible for our child
+            raise
+        self._loop.add_reader(w.pidfd, self._on_exit, w)
+
+    # -- control plane ------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self._listener is not None and self._loop is not None
+        try:
+            conn, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        try:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            pid, uid, _gid = (int.from_bytes(creds[i:i + 4], sys.byteorder, signed=True)
+                              for i in (0, 4, 8))
+            if uid != os.getuid():  # an abstract socket has no permissions: check the peer
+                conn.close()
+                return
+            conn.settimeout(HANDSHAKE_TIMEOUT)
+            hello, _ = control.recv_msg(conn)
+            w = self._by_pid.get(pid)
+            name = hello.get("processor") if isinstance(hello, dict) else None
+            if w is None or w.joined or name != w.node.name:
+                why = (f"process {pid} was not started by pipe {self.name!r}" if w is None
+                       else f"processor {w.node.name!r}'s worker already joined" if w.joined
+                       else f"this process was started as processor {w.node.name!r}, not "
+                            f"{name!r}")
+                control.send_msg(conn, control.JoinReply(self.name, str(name), -1, None, None,
+                                                         error=f"join refused: {why}"))
+                conn.close()
+                return
+            self._send_join_reply(conn, w)
+        except (OSError, control.ControlError, EOFError, ValueError) as exc:
+            log.warning("pipe %s: a worker's join failed: %s", self.name, exc)
+            conn.close()
+            return
+        conn.setblocking(False)
+        w.conn = conn
+        w.joined = True
+        self._loop.add_reader(conn.fileno(), self._on_control, w)
+
+    def _send_join_reply(self, conn: socket.socket, w: _Worker) -> None:
+        node = w.node
+        assert node.input is not None and self._output is not None
+        outputs = [d.input for d in node.downstream if d.input is not None] or [self._output]
+        fds: list[int] = []
+        shapes = []
+        for q in [node.input, *outputs]:
+            qfds, shape = share(q)
+            fds.extend(qfds)
+            shapes.append(shape)
+        reply = control.JoinReply(self.name, node.name, w.instance, node.proc.config,
+                                  shapes[0], shapes[1:])
+        control.send_msg(conn, reply, fds)
+
+    def _on_control(self, w: _Worker) -> None:
+        """Messages from a worker: error reports. EOF: the worker is going."""
+        conn = w.conn
+        if conn is None:
+            return
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    self._close_conn(w)
+                    break
+                w.inbox += data
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._close_conn(w)
+        while len(w.inbox) >= 4:
+            n = int.from_bytes(w.inbox[:4], "little")
+            if len(w.inbox) < 4 + n:
+                break
+            payload = bytes(w.inbox[4:4 + n])
+            del w.inbox[:4 + n]
+            try:
+                msg = pickle.loads(payload)
+            except Exception:  # noqa: BLE001 - a garbled message must not kill the supervisor
+                continue
+            if isinstance(msg, dict) and isinstance(msg.get("error"), str) and w.error is None:
+                w.error = msg["error"]
+
+    def _close_conn(self, w: _Worker) -> None:
+        if w.conn is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(w.conn.fileno())
+            w.conn.close()
+            w.conn = None
+
+    # -- supervision --------------------------------------------------------------------------
+
+    def _on_exit(self, w: _Worker) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(w.pidfd)
+        os.close(w.pidfd)
+        w.pidfd = -1
+        if isinstance(w.handle, subprocess.Popen):
+            rc = w.handle.wait()
+        else:
+            w.handle.join()
+            rc = w.handle.exitcode
+        self._on_control(w)  # an error report sent just before the exit
+        self._close_conn(w)
+        node = w.node
+        node.workers.pop(w.instance, None)
+        self._by_pid.pop(w.pid, None)
+        if self._state != "running" or self._done is None or self._done.done():
+            return  # failed, killed or finished: nothing to restart or to pass on
+        if w.error is not None:
+            self._fail(ProcessorError(
+                f"processor {node.name!r} (instance {w.instance}, pid {w.pid}) raised an "
+                "exception", node.name, w.pid, w.error, rc))
+            return
+        if rc == 0 or (w.signalled and self._terminating):
+            self._maybe_finished(node)
+            return
+        self._repair()
+        how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
+        if not w.joined and rc > 0:
+            # It never reached join(): a script error before it (its traceback is on stderr),
+            # which a restart would only repeat.
+            self._fail(ProcessorError(
+                f"processor {node.name!r} (instance {w.instance}, pid {w.pid}) {how} before "
+                "joining the pipe (see its error output above)", node.name, w.pid, None, rc))
+            return
+        if self._terminating and node.is_root:
+            self._maybe_finished(node)
+            return
+        if node.restarts_used < node.proc.restarts:
+            node.restarts_used += 1
+            log.warning("pipe %s: processor %r instance %d (pid %d) %s; restarting it (%d of %d)",
+                        self.name, node.name, w.instance, w.pid, how, node.restarts_used,
+                        node.proc.restarts)
+            try:
+                self._spawn(node, w.instance)
+            except OSError as exc:
+                self._fail(ProcessorError(f"processor {node.name!r}: cannot restart a worker: "
+                                          f"{exc}", node.name, w.pid, None, rc))
+            return
+        self._fail(ProcessorError(
+            f"processor {node.name!r} (instance {w.instance}, pid {w.pid}) {how}, and its "
+            f"restart limit ({node.proc.restarts}) is used up", node.name, w.pid, None, rc))
+
+    def _repair(self) -> None:
+        """A worker died: hand back what it held and count what it had taken unfinished."""
+        for q in self._queues():
+            with contextlib.suppress(UpipeError):
+                q.recover()
+
+    def _queues(self) -> list[Queue]:
+        qs = [n.input for n in self._nodes.values() if n.input is not None]
+        return qs + ([self._output] if self._output is not None else [])
+
+    def _maybe_finished(self, node: _Node) -> None:
+        if node.workers or node.finished:
+            return
+        node.finished = True
+        for d in node.downstream:
+            if all(u.finished for u in d.upstream) and (not d.is_root or self._terminating):
+                self._close_input(d)
+        if not node.downstream and self._output is not None and all(
+                n.finished for n in self._nodes.values() if not n.downstream):
+            with contextlib.suppress(UpipeError):
+                self._output.close()
+        if all(n.finished for n in self._nodes.values()):
+            self._complete(None)
+
+    def _close_input(self, node: _Node) -> None:
+        if node.input is not None:
+            with contextlib.suppress(UpipeError):
+                node.input.close()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._kill_all()
+        self._complete(exc)
+
+    def _complete(self, exc: BaseException | None) -> None:
+        if self._done is not None and not self._done.done():
+            if exc is None:
+                self._done.set_result(None)
+            else:
+                self._done.set_exception(exc)
+                self._done.exception()  # retrieved: wait_for_completion re-raises it
+
+    def _kill_all(self) -> None:
+        for node in self._nodes.values():
+            for w in node.workers.values():
+                w.signalled = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGKILL)
+
+    # -- completion and termination -----------------------------------------------------------
+
+    async def wait_for_completion(self) -> None:
+        """Return when every source has finished and every frame is drained.
+
+        :raises ProcessorError: the first failure: a processor raised (with its remote
+            traceback, processor name and pid) or died more often than its ``restarts``.
+        :raises KeyboardInterrupt: the pipe was stopped by Ctrl-C (SIGINT), after it drained
+            (first Ctrl-C) or at once (second); ``SystemExit`` likewise for SIGTERM.
+        """
+        if self._state == "new":
+            raise UpipeError(f"pipe {self.name!r} has not started: await pipe.start() first")
+        assert self._done is not None
+        try:
+            await asyncio.shield(self._done)
+        finally:
+            if self._done.done():
+                await self._finish()
+        self._raise_for_signal()
+
+    def _raise_for_signal(self) -> None:
+        if self._signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self._signal == signal.SIGTERM:
+            raise SystemExit(128 + signal.SIGTERM)
+
+    async def terminate(self, timeout: float = TERMINATE_TIMEOUT) -> None:
+        """Stop the sources, let the frames in flight finish, and return.
+
+        Root processors' inputs are closed and their workers asked to stop (a generator stops
+        before its next emit; a reader finishes what its input still holds); downstream
+        processors then drain and finish as usual. After ``timeout`` seconds whatever is still
+        running is killed.
+        """
+        if self._state == "new" or self._done is None:
+            return
+        if not self._done.done():
+            self._terminating = True
+            for node in self._nodes.values():
+                if node.is_root:
+                    self._close_input(node)
+                    for w in list(node.workers.values()):
+                        w.signalled = True
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(w.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._done), timeout)
+            except TimeoutError:
+                log.warning("pipe %s: still running %s s after terminate(): killing it",
+                            self.name, timeout)
+                self._kill_all()
+                self._complete(None)
+            except BaseException:  # noqa: BLE001 - a processor failure: wait_for_completion says
+                pass
+        await self._finish()
+
+    async def _finish(self) -> None:
+        if self._state != "running":
+            return
+        self._state = "stopping"
+        self._kill_all()
+        # Reap: _on_exit does it, one pidfd event after each (SIGKILLed) worker's exit.
+        for _ in range(1000):
+            if not any(n.workers for n in self._nodes.values()):
+                break
+            await asyncio.sleep(0.01)
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._drain_task
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        """Release everything the pipe holds in this process (idempotent)."""
+        loop = self._loop
+        for node in self._nodes.values():
+            for w in list(node.workers.values()):
+                if w.pidfd >= 0 and loop is not None:
+                    loop.remove_reader(w.pidfd)
+                    os.close(w.pidfd)
+                    w.pidfd = -1
+                self._close_conn(w)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGKILL)
+                if isinstance(w.handle, subprocess.Popen):
+                    w.handle.wait()
+                else:
+                    w.handle.join()
+            node.workers.clear()
+        self._by_pid.clear()
+        if self._listener is not None:
+            if loop is not None:
+                loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+        for q in self._queues():
+            with contextlib.suppress(UpipeError):
+                q.detach()
+        for node in self._nodes.values():
+            node.input = None
+        self._output = None
+        if loop is not None:
+            for sig in self._signals_installed:
+                loop.remove_signal_handler(sig)
+        self._signals_installed = []
+        self._state = "done"
+
+    # -- signals ------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        assert self._loop is not None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._loop.add_signal_handler(sig, self._on_signal, sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                continue
+            self._signals_installed.append(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        assert self._loop is not None
+        if self._signal is None:
+            self._signal = sig
+            log.warning("pipe %s: %s: stopping the sources and draining (again to kill now)",
+                        self.name, signal.Signals(sig).name)
+            self._loop.create_task(self.terminate())
+        else:
+            log.warning("pipe %s: %s again: killing every worker", self.name,
+                        signal.Signals(sig).name)
+            self._kill_all()
+            self._complete(None)
+
+    # -- the pipe as a service ----------------------------------------------------------------
+
+    async def emit(self, data: Any, timeout: float | None = None) -> None:
+        """Inject a frame into every root processor's input (waits for room)."""
+        roots = self._running_roots()
+        for node in roots[1:]:
+            assert node.input is not None
+            await node.input.put_async(data, timeout)
+        assert roots[0].input is not None
+        await roots[0].input.put_async(data, timeout)
+
+    async def emit_sync(self, data: Any, timeout: float | None = None) -> Any:
+        """Inject a frame and return the first frame a sink emits after it: a request and its
+        response. Requests are served one at a time (a lock), so do not mix them with
+        :meth:`emit` of frames whose outputs could be taken for the response.
+
+        :raises TimeoutError: no response within ``timeout`` seconds.
+        """
+        assert self._request_lock is not None and self._loop is not None
+        async with self._request_lock:
+            fut: asyncio.Future[Any] = self._loop.create_future()
+            self._pending_reply = fut
+            try:
+                await self.emit(data, timeout)
+                return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            finally:
+                self._pending_reply = None
+
+    def _running_roots(self) -> list[_Node]:
+        if self._state != "running":
+            raise UpipeError(f"pipe {self.name!r} is not running (it is {self._state})")
+        return [n for n in self._nodes.values() if n.is_root]
+
+    async def _drain_outputs(self) -> None:
+        """What sinks emit: the answer to a pending emit_sync, or discarded (counted)."""
+        q = self._output
+        assert q is not None
+        while True:
+            try:
+                item = await q.get_async()
+            except (Closed, Empty, UpipeError):
+                fut = self._pending_reply
+                if fut is not None and not fut.done():
+                    fut.set_exception(UpipeError(f"pipe {self.name!r} ended before a reply"))
+                return
+            fut = self._pending_reply
+            if fut is not None and not fut.done():
+                fut.set_result(item)
+            else:
+                self._discarded += 1
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def statistics(self) -> PipeStatistics:
+        procs: dict[str, dict[str, Any]] = {}
+        for name, node in self._nodes.items():
+            entry: dict[str, Any] = {
+                "instances": len(node.workers), "restarts": node.restarts_used,
+                "finished": node.finished,
+            }
+            if node.input is not None:
+                st = node.input.statistics()
+                entry.update(queued=st.qsize, lost_frames=st.lost_items + st.lost_leases)
+            procs[name] = entry
+        return PipeStatistics(procs, self._discarded)

@@ -1,0 +1,518 @@
+"""Processor: the user's face of one stage of a pipe.
+
+A Processor has two lives. In the pipe script it is a *declaration*: a name, the code to run
+(``func=`` an importable function, or ``entry=`` a script) and a config, wired into a
+:class:`~upipe.pipe.Pipe` with ``add``. In a worker process it is the *runtime*:
+``proc = Processor('b'); await proc.join()`` connects to the pipe that started the process and
+then ``get``/``emit`` frames through shared-memory queues.
+
+Every processor has one input queue, shared by its instances (each frame goes to exactly one of
+them), and emits into the input queue of every downstream processor (each receives every
+frame). A sink (no downstream) emits into the pipe's own output queue, which feeds
+``pipe.emit_sync``.
+
+Two faces, like :class:`~upipe.Queue`: the async one (``await proc.get()``, ``emit``,
+``get_sync``, ``emit_sync``, ``async for``), and a blocking one for plain code
+(``join_blocking``, ``get_blocking``, ``emit_blocking``, ``for data in proc``).
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import ctypes
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import control
+from .errors import Closed, Empty, Full, UpipeError
+from .queue import Queue, attach_fds
+
+__all__ = ["Processor", "ProcessorError"]
+
+DEFAULT_RESTARTS = 3
+DEFAULT_QUEUE_SIZE = 256
+_PR_SET_PDEATHSIG = 1
+
+
+class ProcessorError(UpipeError):
+    """A processor's worker failed: it raised (``remote_traceback`` says where) or died.
+
+    ``processor`` and ``pid`` name the worker; ``exitcode`` is its exit status (negative: the
+    signal that killed it).
+    """
+
+    def __init__(self, message: str, processor: str = "", pid: int = 0,
+                 remote_traceback: str | None = None, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.processor = processor
+        self.pid = pid
+        self.remote_traceback = remote_traceback
+        self.exitcode = exitcode
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.remote_traceback:
+            text += "\n\nRemote traceback (most recent call last):\n" + self.remote_traceback
+        return text
+
+
+def _check_func(name: str, func: Callable[..., Any]) -> None:
+    """Refuse, before any process starts, a function a spawned worker could not import."""
+    if not callable(func):
+        raise TypeError(f"Processor {name!r}: func must be a function, got {func!r}")
+    qualname = getattr(func, "__qualname__", "")
+    module = getattr(func, "__module__", None)
+    if getattr(func, "__name__", "") == "<lambda>":
+        raise ValueError(
+            f"Processor {name!r}: func is a lambda, which a worker process cannot import; "
+            "define it with `def` at the top level of a module"
+        )
+    if "<locals>" in qualname:
+        raise ValueError(
+            f"Processor {name!r}: func {qualname} is defined inside another function, so a "
+            "worker process cannot import it; move it to the top level of a module"
+        )
+    mod = sys.modules.get(module or "")
+    target: Any = mod
+    for part in qualname.split("."):
+        target = getattr(target, part, None)
+    if mod is None or target is not func:
+        raise ValueError(
+            f"Processor {name!r}: func {module}.{qualname} cannot be imported by that name in a "
+            "worker process; use a function defined with `def` at the top level of a module"
+        )
+    if module == "__main__":
+        _check_main_guard(name)
+
+
+def _check_main_guard(name: str) -> None:
+    """A func from the pipe script: spawned workers import that script, so it must be a file
+    whose pipe-starting code sits under ``if __name__ == '__main__':``."""
+    main = sys.modules["__main__"]
+    path = getattr(main, "__file__", None)
+    if not path or not Path(path).is_file():
+        raise ValueError(
+            f"Processor {name!r}: func is defined in an interactive session, which worker "
+            "processes cannot import; put it in a module (a .py file) and import it from there"
+        )
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return  # not ours to judge; multiprocessing will say if it cannot import it
+    for node in tree.body:
+        if isinstance(node, ast.If) and "__name__" in ast.unparse(node.test) \
+                and "__main__" in ast.unparse(node.test):
+            return
+    raise ValueError(
+        f"Processor {name!r}: func is defined in {path}, which has no "
+        "`if __name__ == '__main__':` guard. Worker processes import that file, so the code "
+        "that builds and starts the pipe must sit under that guard"
+    )
+
+
+def _set_parent_death_signal(parent_pid: int) -> None:
+    """Die with the pipe: SIGKILL when the parent goes (Linux prctl), then make sure it has not
+    already gone (the race between fork and prctl)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - not glibc/musl
+            pass
+    if parent_pid and os.getppid() != parent_pid:
+        os._exit(70)  # the pipe is already gone: nobody would ever read what we emit
+
+
+class Processor:
+    """One stage of a pipe: declared in the pipe script, joined in a worker process.
+
+    Declaration (pipe script)::
+
+        a = Processor('a', entry='./a.py', config={'n': 100})
+        b = Processor('b', func=plus_one, instances=2)
+
+    Runtime (a worker)::
+
+        proc = Processor('b')
+        await proc.join()
+        async for data in proc:
+            await proc.emit_sync(data + 1)
+
+    :param name: unique within its pipe.
+    :param func: an importable function run by each instance: ``async def f(proc)`` (or a
+        plain ``def f(proc)`` for the blocking face), with ``proc`` already joined.
+    :param entry: a Python script run by each instance (``python entry``); it joins with
+        ``Processor(name)`` and ``await proc.join()``.
+    :param config: any picklable object, ``proc.config`` in the worker (default ``{}``).
+    :param instances: worker processes sharing the input (each frame goes to one of them).
+    :param autoscale: the seed's "at most N instances"; without ``instances`` it is the count
+        started (the autoscaler that moves between 1 and N comes later).
+    :param restarts: how many times a worker that dies (killed, crashed) is replaced before the
+        pipe fails. A worker that raises is never restarted: the pipe fails with its traceback.
+    :param queue_size: the input queue's ``maxsize`` (frames).
+    :param max_bytes: the input queue's chunk memory (see :class:`~upipe.Queue`).
+    :param max_message_size: the largest frame the input queue takes.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        func: Callable[..., Any] | None = None,
+        entry: str | os.PathLike[str] | None = None,
+        config: Any = None,
+        *,
+        instances: int | None = None,
+        autoscale: int | None = None,
+        restarts: int = DEFAULT_RESTARTS,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        max_bytes: int | None = None,
+        max_message_size: int | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name or "\0" in name or "/" in name:
+            raise ValueError(f"a processor's name must be a non-empty string without '/', "
+                             f"got {name!r}")
+        if func is not None and entry is not None:
+            raise ValueError(
+                f"Processor {name!r}: give func= (a function run in a worker) or entry= (a "
+                "script run as a worker), not both"
+            )
+        if func is not None:
+            _check_func(name, func)
+        if entry is not None and not isinstance(entry, (str, os.PathLike)):
+            raise TypeError(f"Processor {name!r}: entry must be a path, got {entry!r}")
+        for label, value in (("instances", instances), ("autoscale", autoscale)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"Processor {name!r}: {label} must be an int >= 1, got {value!r}")
+        if instances is not None and autoscale is not None and instances > autoscale:
+            raise ValueError(f"Processor {name!r}: instances={instances} is more than "
+                             f"autoscale={autoscale} (the most instances it may run)")
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+            raise ValueError(f"Processor {name!r}: restarts must be an int >= 0, got {restarts!r}")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"Processor {name!r}: queue_size must be an int >= 1, "
+                             f"got {queue_size!r}")
+        self.name = name
+        self.func = func
+        self.entry = None if entry is None else os.fspath(entry)
+        self.config = {} if config is None else config
+        self.instances = instances or autoscale or 1
+        self.max_instances = autoscale or self.instances
+        self.restarts = restarts
+        self.queue_options: dict[str, Any] = {"maxsize": queue_size}
+        if max_bytes is not None:
+            self.queue_options["max_bytes"] = max_bytes
+        if max_message_size is not None:
+            self.queue_options["max_message_size"] = max_message_size
+        self.downstream: list[Processor | str] = []
+        # runtime (a joined worker)
+        self.instance = -1
+        self.pipe_name = ""
+        self._input: Queue | None = None
+        self._outputs: list[Queue] = []
+        self._ctrl: socket.socket | None = None
+        self._ctrl_lock = threading.Lock()
+        self._stopping = False  # the pipe is terminating and this processor is a source
+        self._waiting_to_emit = False
+        self._reads = False  # it has asked for input: it ends with its input, not at an emit
+        self._ended = False
+
+    def __repr__(self) -> str:
+        what = (f"func={getattr(self.func, '__qualname__', self.func)}" if self.func
+                else f"entry={self.entry!r}" if self.entry else "joined" if self._ctrl else "")
+        return f"<upipe.Processor {self.name!r} {what}>"
+
+    # -- topology (pipe script) ---------------------------------------------------------------
+
+    def add(self, downstream: Processor | str) -> Processor | str:
+        """Send every frame this processor emits to ``downstream`` too; returns it, so
+        ``a.add(b).add(c)`` chains and ``a.add(b); a.add(c)`` fans out. A name (str) is looked
+        up among the pipe's processors at ``start()``."""
+        if not isinstance(downstream, (Processor, str)):
+            raise TypeError(f"add() takes a Processor or a processor's name, got {downstream!r}")
+        self.downstream.append(downstream)
+        return downstream
+
+    # -- joining (worker) ---------------------------------------------------------------------
+
+    async def join(self) -> Processor:
+        """Connect to the pipe that started this process; afterwards get/emit work."""
+        self._join()
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            pass
+        return self
+
+    def join_blocking(self) -> Processor:
+        """:meth:`join` for plain (non-async) code."""
+        self._join()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self._on_sigterm())
+        return self
+
+    def _join(self) -> None:
+        if self._ctrl is not None:
+            raise UpipeError(f"Processor {self.name!r} has already joined its pipe")
+        if self.func is not None or self.entry is not None:
+            raise UpipeError(
+                f"Processor {self.name!r} was declared with func=/entry= (it belongs in the pipe "
+                "script); in a worker create it by name only: Processor('name')"
+            )
+        address = os.environ.get(control.ENV_ADDRESS)
+        if not address:
+            raise UpipeError(
+                f"Processor({self.name!r}).join(): this process was not started by a upipe Pipe "
+                f"(no {control.ENV_ADDRESS} in the environment); add the processor to a Pipe "
+                "with entry= or func= and start the pipe instead of running this script alone"
+            )
+        started_as = os.environ.get(control.ENV_PROCESSOR, "")
+        if started_as and started_as != self.name:
+            raise UpipeError(
+                f"this process was started by the pipe as processor {started_as!r}, but joins as "
+                f"{self.name!r}: use Processor({started_as!r}) in this script"
+            )
+        instance = int(os.environ.get(control.ENV_INSTANCE, "0"))
+        parent = int(os.environ.get("UPIPE_PIPE_PID", "0"))
+        _set_parent_death_signal(parent)
+        try:  # Ctrl-C in the terminal is the pipe's to handle (it stops us gracefully)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+        sock, reply, fds = control.connect(address, self.name, instance)
+        try:
+            shapes = ([reply.input_shape] if reply.input_shape is not None else []) + list(
+                reply.output_shapes)
+            queues = [attach_fds((fds[3 * i], fds[3 * i + 1], fds[3 * i + 2]), shape)
+                      for i, shape in enumerate(shapes)]
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if reply.input_shape is not None:
+            self._input, self._outputs = queues[0], queues[1:]
+        else:
+            self._outputs = queues
+        self._ctrl = sock
+        self.instance = reply.instance
+        self.pipe_name = reply.pipe
+        self.config = reply.config
+        self._install_excepthook()
+        threading.Thread(target=self._watch_pipe, name="upipe-pipe-watch", daemon=True).start()
+
+    def _watch_pipe(self) -> None:
+        """The control connection closes only when the pipe goes: then nobody is left to read
+        what we emit or to stop us, so go too (the parent-death signal covers most cases)."""
+        sock = self._ctrl
+        try:
+            while sock is not None and sock.recv(4096):
+                pass
+        except OSError:
+            pass
+        if not self._stopping:
+            os._exit(70)
+
+    def _install_excepthook(self) -> None:
+        previous = sys.excepthook
+
+        def report(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+            if not issubclass(kind, (SystemExit, KeyboardInterrupt)):
+                self.report_error("".join(traceback.format_exception(kind, exc, tb)))
+            previous(kind, exc, tb)
+
+        sys.excepthook = report
+
+    def report_error(self, text: str) -> None:
+        """Send an exception's traceback to the pipe (it raises it from wait_for_completion)."""
+        sock = self._ctrl
+        if sock is None:
+            return
+        try:
+            with self._ctrl_lock:
+                control.send_msg(sock, {"error": text})
+        except OSError:
+            pass
+
+    def _on_sigterm(self) -> None:
+        """The pipe is terminating and this processor is a root: stop at a frame boundary.
+
+        Its input is closed, so a processor that reads ends with its input as usual (every frame
+        it took is finished and emitted). A pure generator (it never asked for input) ends, with
+        exit status 0, at its next emit, or now if it is waiting to emit."""
+        self._stopping = True
+        if self._input is not None:
+            try:
+                self._input.close()  # nothing more comes in; what is queued still drains
+            except UpipeError:
+                pass
+        if self._waiting_to_emit and not self._reads:
+            raise SystemExit(0)
+
+    def _check_joined(self) -> None:
+        if self._ctrl is None:
+            raise UpipeError(f"Processor {self.name!r} has not joined a pipe: call "
+                             "`await proc.join()` first")
+
+    # -- getting ------------------------------------------------------------------------------
+
+    def _source(self) -> Queue:
+        self._check_joined()
+        self._reads = True
+        q = self._input
+        assert q is not None  # every joined processor has an input queue
+        return q
+
+    async def get(self) -> Any:
+        """The next frame, or None at once if there is none (or the input has ended)."""
+        q = self._source()
+        try:
+            return q.get(False)
+        except Empty:
+            return None
+        except Closed:
+            self._ended = True
+            return None
+
+    async def get_sync(self, timeout: float | None = None) -> Any:
+        """The next frame, waiting for one (up to ``timeout`` seconds).
+
+        Returns None at the end of the stream: every upstream has finished and the input is
+        drained (``async for data in proc`` ends there).
+
+        :raises TimeoutError: no frame within ``timeout`` seconds.
+        """
+        q = self._source()
+        try:
+            return await q.get_async(timeout)
+        except Empty:
+            raise TimeoutError(f"processor {self.name!r}: no frame within {timeout} s") from None
+        except Closed:
+            self._ended = True
+            return None
+
+    def get_blocking(self, timeout: float | None = None) -> Any:
+        """:meth:`get_sync` for plain code: waits; None at the end of the stream."""
+        q = self._source()
+        try:
+            return q.get(True, timeout)
+        except Empty:
+            raise TimeoutError(f"processor {self.name!r}: no frame within {timeout} s") from None
+        except Closed:
+            self._ended = True
+            return None
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[Any]:
+        while True:
+            data = await self.get_sync()
+            if data is None and self._ended:
+                return
+            yield data
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            data = self.get_blocking()
+            if data is None and self._ended:
+                return
+            yield data
+
+    # -- emitting -----------------------------------------------------------------------------
+
+    def _targets(self, data: Any) -> list[Queue]:
+        self._check_joined()
+        if self._stopping and not self._reads:
+            raise SystemExit(0)  # terminating: a generator stops before its next frame
+        if data is None:
+            raise ValueError(f"processor {self.name!r}: emit(None): None marks the end of the "
+                             "stream in get(); emit a value")
+        return self._outputs
+
+    async def emit(self, data: Any) -> bool:
+        """Emit a frame to every downstream processor without waiting: False (nothing sent)
+        when one of them has no room (back-pressure), else True."""
+        outs = self._targets(data)
+        if len(outs) == 1:
+            try:
+                outs[0].put(data, False)
+                return True
+            except Full:
+                return False
+        if any(q.full() for q in outs):
+            return False
+        await self._fan_out(data, outs, None)
+        return True
+
+    async def emit_sync(self, data: Any, timeout: float | None = None) -> None:
+        """Emit a frame to every downstream processor, waiting for room (back-pressure).
+
+        :raises upipe.Full: still no room after ``timeout`` seconds.
+        """
+        outs = self._targets(data)
+        self._waiting_to_emit = True
+        try:
+            if len(outs) == 1:
+                await outs[0].put_async(data, timeout)
+            else:
+                await self._fan_out(data, outs, timeout)
+        finally:
+            self._waiting_to_emit = False
+
+    @staticmethod
+    async def _fan_out(data: Any, outs: Sequence[Queue], timeout: float | None) -> None:
+        # A buffer from alloc() lives in outs[0]'s memory: the others get copies first, then
+        # outs[0] takes the buffer itself (a move, no copy).
+        for q in outs[1:]:
+            await q.put_async(data, timeout)
+        await outs[0].put_async(data, timeout)
+
+    def emit_blocking(self, data: Any, timeout: float | None = None) -> None:
+        """:meth:`emit_sync` for plain code."""
+        outs = self._targets(data)
+        self._waiting_to_emit = True
+        try:
+            for q in outs[1:]:
+                q.put(data, True, timeout)
+            outs[0].put(data, True, timeout)
+        finally:
+            self._waiting_to_emit = False
+
+    # -- zero-copy output buffers -------------------------------------------------------------
+
+    def alloc(self, nbytes: int, timeout: float | None = None) -> memoryview:
+        """A writable buffer in the shared memory of the (first) downstream input queue;
+        emitting it moves only a descriptor. Waits for a free chunk (up to ``timeout``)."""
+        self._check_joined()
+        return self._outputs[0].alloc(nbytes, True, timeout)
+
+    def alloc_array(self, shape: int | Sequence[int], dtype: Any = np.float64,
+                    timeout: float | None = None) -> np.ndarray:
+        """A writable ndarray in shared memory (see :meth:`alloc`)."""
+        self._check_joined()
+        return self._outputs[0].alloc_array(shape, dtype, True, timeout)
+
+    # -- leaving ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Leave the pipe (workers do this at exit by themselves)."""
+        self._stopping = True
+        for q in ([self._input] if self._input else []) + self._outputs:
+            q.detach()
+        self._input, self._outputs = None, []
+        if self._ctrl is not None:
+            self._ctrl.close()
+            self._ctrl = None
