@@ -29,7 +29,8 @@ def test_example_runs(path: Path, no_leaks: None) -> None:
 def test_every_example_is_tested() -> None:
     names = {str(p.relative_to(ROOT / "examples")) for p in EXAMPLES}
     assert names >= {"queue_demo.py", "zero_copy_frames.py", "async_queue.py",
-                     "subprocess_attach.py", "inline.py", "plus_one/pipe.py"}
+                     "subprocess_attach.py", "inline.py", "plus_one/pipe.py", "demo.py",
+                     "numpy_frames.py", "request_response.py"}
 
 
 def _shell_blocks(text: str) -> list[str]:
