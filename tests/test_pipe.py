@@ -307,9 +307,11 @@ PIPE_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("signals", [1, 2], ids=["graceful", "second-kills"])
-def test_sigint_to_a_pipe_script_stops_it_leaving_nothing(tmp_path: Path, signals: int,
-                                                          no_leaks: None) -> None:
+@pytest.mark.parametrize(("sig", "signals"), [(signal.SIGINT, 1), (signal.SIGINT, 2),
+                                              (signal.SIGTERM, 1)],
+                         ids=["sigint-graceful", "sigint-second-kills", "sigterm-graceful"])
+def test_a_signal_to_a_pipe_script_stops_it_leaving_nothing(tmp_path: Path, sig: int,
+                                                            signals: int, no_leaks: None) -> None:
     script = tmp_path / "pipe_script.py"
     report = str(tmp_path / "r")
     script.write_text(PIPE_SCRIPT.format(tests=str(ROOT / "tests"), report=report))
@@ -322,14 +324,17 @@ def test_sigint_to_a_pipe_script_stops_it_leaving_nothing(tmp_path: Path, signal
         family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert len(family) >= 3
         for _ in range(signals):
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             time.sleep(0.05)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode != 0 and "KeyboardInterrupt" in err, err
+    if sig == signal.SIGINT:
+        assert proc.returncode != 0 and "KeyboardInterrupt" in err, err
+    else:
+        assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(psutil.pid_exists(p) and
                                               psutil.Process(p).status() != "zombie"
@@ -359,3 +364,18 @@ def test_workers_die_with_a_sigkilled_pipe_script(tmp_path: Path, no_leaks: None
             proc.kill()
             proc.wait()
         proc.stdout.close() if proc.stdout else None
+
+
+def test_forkserver_start_method_and_statistics_after_the_end(tmp_path: Path,
+                                                              no_leaks: None) -> None:
+    report = str(tmp_path / "r")
+    pipe = Pipe("fs", start_method="forkserver")
+    pipe.add(Processor("src", func=pw.count_source, config={"count": 500})).add(
+        Processor("sink", func=pw.collect, config={"report": report}))
+    run(run_pipe(pipe))
+    assert seen_by(report, "sink") == list(range(500))
+    stats = pipe.statistics()
+    assert stats.processors["sink"] == {"instances": 0, "restarts": 0, "finished": True,
+                                        "queued": 0, "lost_frames": 0}
+    with pytest.raises(ValueError, match="start_method"):
+        Pipe("x", start_method="fork")

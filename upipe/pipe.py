@@ -125,7 +125,7 @@ class Pipe:
         self._pending_reply: asyncio.Future[Any] | None = None
         self._request_lock: asyncio.Lock | None = None
         self._discarded = 0
-        self._lost_reported: dict[str, int] = {}
+        self._final: PipeStatistics | None = None  # the last statistics, kept after the end
 
     def __repr__(self) -> str:
         return f"<upipe.Pipe {self.name!r} {self._state} processors={list(self._nodes) or '?'}>"
@@ -566,6 +566,14 @@ class Pipe:
                 loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
+        if self._final is None and self._nodes:
+            with contextlib.suppress(UpipeError):
+                self._final = self.statistics()
+                lost = {n: p["lost_frames"] for n, p in self._final.processors.items()
+                        if p.get("lost_frames")}
+                if lost:
+                    log.warning("pipe %s: frames lost with workers that died holding them: %s",
+                                self.name, lost)
         for q in self._queues():
             with contextlib.suppress(UpipeError):
                 q.detach()
@@ -656,6 +664,11 @@ class Pipe:
     # -- introspection ------------------------------------------------------------------------
 
     def statistics(self) -> PipeStatistics:
+        """Per processor: running ``instances``, ``restarts``, ``finished``, frames ``queued``
+        in its input, and ``lost_frames``: frames a worker had taken and not finished when it
+        died (counted, never silently dropped). Kept after the pipe ends."""
+        if self._final is not None:
+            return self._final
         procs: dict[str, dict[str, Any]] = {}
         for name, node in self._nodes.items():
             entry: dict[str, Any] = {

@@ -120,17 +120,24 @@ def _check_main_guard(name: str) -> None:
     )
 
 
-def _set_parent_death_signal(parent_pid: int) -> None:
-    """Die with the pipe: SIGKILL when the parent goes (Linux prctl), then make sure it has not
-    already gone (the race between fork and prctl)."""
-    if sys.platform.startswith("linux"):
+def _set_parent_death_signal(pipe_pid: int) -> None:
+    """Die with the pipe. When the pipe is our parent (spawn, entry scripts), the kernel sends
+    SIGKILL when it goes (Linux prctl); then make sure it has not already gone (the race between
+    the fork and the prctl). Under forkserver the parent is the fork server: the control
+    socket's watcher (Processor._watch_pipe) sees the pipe go instead."""
+    if sys.platform.startswith("linux") and os.getppid() == pipe_pid:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):  # pragma: no cover - not glibc/musl
             pass
-    if parent_pid and os.getppid() != parent_pid:
-        os._exit(70)  # the pipe is already gone: nobody would ever read what we emit
+    if pipe_pid:
+        try:
+            os.kill(pipe_pid, 0)
+        except ProcessLookupError:
+            os._exit(70)  # the pipe is already gone: nobody would ever read what we emit
+        except PermissionError:
+            pass
 
 
 class Processor:
