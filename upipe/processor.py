@@ -449,9 +449,10 @@ class Processor:
                              "stream in get(); emit a value")
         return self._outputs
 
-    async def emit(self, data: Any) -> bool:
+    async def emit(self, data: Any = b"") -> bool:
         """Emit a frame to every downstream processor without waiting: False (nothing sent)
-        when one of them has no room (back-pressure), else True."""
+        when one of them has no room (back-pressure), else True. Without data (as in the uPipe
+        README's ``await proc.emit()``) the frame is empty (``b""``)."""
         outs = self._targets(data)
         if len(outs) == 1:
             try:
@@ -464,8 +465,9 @@ class Processor:
         await self._fan_out(data, outs, None)
         return True
 
-    async def emit_sync(self, data: Any, timeout: float | None = None) -> None:
+    async def emit_sync(self, data: Any = b"", timeout: float | None = None) -> None:
         """Emit a frame to every downstream processor, waiting for room (back-pressure).
+        Without data the frame is empty (``b""``), as :meth:`emit`.
 
         :raises upipe.Full: still no room after ``timeout`` seconds.
         """
@@ -487,7 +489,7 @@ class Processor:
             await q.put_async(data, timeout)
         await outs[0].put_async(data, timeout)
 
-    def emit_blocking(self, data: Any, timeout: float | None = None) -> None:
+    def emit_blocking(self, data: Any = b"", timeout: float | None = None) -> None:
         """:meth:`emit_sync` for plain code."""
         outs = self._targets(data)
         self._waiting_to_emit = True
