@@ -374,8 +374,12 @@ def test_forkserver_start_method_and_statistics_after_the_end(tmp_path: Path,
         Processor("sink", func=pw.collect, config={"report": report}))
     run(run_pipe(pipe))
     assert seen_by(report, "sink") == list(range(500))
-    stats = pipe.statistics()
-    assert stats.processors["sink"] == {"instances": 0, "restarts": 0, "finished": True,
-                                        "queued": 0, "lost_frames": 0}
+    sink = pipe.statistics().processors["sink"]
+    assert {k: sink[k] for k in ("instances", "restarts", "finished", "queued", "lost_frames",
+                                 "frames_in", "frames_out", "workers")} == {
+        "instances": 0, "restarts": 0, "finished": True, "queued": 0, "lost_frames": 0,
+        "frames_in": 500, "frames_out": 0, "workers": []}
+    src = pipe.statistics().processors["src"]
+    assert src["frames_out"] == 500 and src["bytes_out"] == 500 * 8
     with pytest.raises(ValueError, match="start_method"):
         Pipe("x", start_method="fork")

@@ -48,6 +48,8 @@ class JoinReply:
     input_shape: Any | None  # upipe.queue.QueueShape of the input queue, or None
     output_shapes: list[Any] = field(default_factory=list)  # one per downstream (or the sink)
     error: str | None = None  # set when the pipe refuses the join
+    stats_rows: int = 0  # the stats block's size (its fd comes after the queues' fds)
+    stats_row: int = -1  # this worker's row in it
 
 
 def peer_uid(sock: socket.socket) -> int:

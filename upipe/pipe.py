@@ -26,11 +26,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import control, worker
+from . import control, stats, worker
 from .errors import Closed, Empty, UpipeError
 from .processor import Processor, ProcessorError
 from .queue import Queue, share
@@ -40,6 +41,7 @@ __all__ = ["Pipe", "PipeStatistics"]
 log = logging.getLogger("upipe.pipe")
 
 DEFAULT_OUTPUT_SIZE = 256
+_COUNTERS = ("frames_in", "frames_out", "bytes_out", "get_wait_ns", "emit_wait_ns")
 TERMINATE_TIMEOUT = 30.0  # seconds terminate() lets in-flight frames finish before it kills
 HANDSHAKE_TIMEOUT = 5.0
 
@@ -56,18 +58,21 @@ class _Worker:
     error: str | None = None
     joined: bool = False
     signalled: bool = False  # we sent it SIGTERM (terminate) or SIGKILL (kill)
+    row: int = -1  # its row in the stats block
 
 
 @dataclass
 class _Node:
     proc: Processor
     is_root: bool
+    index: int = 0
     upstream: list[_Node] = field(default_factory=list)
     downstream: list[_Node] = field(default_factory=list)
     input: Queue | None = None
     workers: dict[int, _Worker] = field(default_factory=dict)  # running, by instance
     restarts_used: int = 0
     finished: bool = False
+    retired: dict[str, int] = field(default_factory=dict)  # counters of workers that exited
 
     @property
     def name(self) -> str:
@@ -126,6 +131,7 @@ class Pipe:
         self._request_lock: asyncio.Lock | None = None
         self._discarded = 0
         self._final: PipeStatistics | None = None  # the last statistics, kept after the end
+        self._stats: stats.StatsBlock | None = None
 
     def __repr__(self) -> str:
         return f"<upipe.Pipe {self.name!r} {self._state} processors={list(self._nodes) or '?'}>"
@@ -172,7 +178,7 @@ class Pipe:
             return objects[ref]
 
         roots = {resolve(r, "pipe.add()").name for r in self._roots}
-        nodes = {p.name: _Node(p, p.name in roots) for p in order}
+        nodes = {p.name: _Node(p, p.name in roots, i) for i, p in enumerate(order)}
         for p in order:
             if p.func is None and p.entry is None:
                 raise ValueError(
@@ -223,6 +229,10 @@ class Pipe:
             for node in self._nodes.values():
                 node.input = Queue(**node.proc.queue_options)
             self._output = Queue(maxsize=self.output_size)
+            # a row per worker that may run at once, plus room for replacements (rows of
+            # exited workers are reused)
+            self._stats = stats.StatsBlock.create(
+                sum(n.proc.max_instances for n in self._nodes.values()) + 16)
             self._open_control()
             self._install_signal_handlers()
             for node in self._nodes.values():
@@ -271,6 +281,8 @@ class Pipe:
             multiprocessing.process._children.discard(handle)  # type: ignore[attr-defined]
             pid = handle.pid
         w = _Worker(node, instance, handle, pid)
+        assert self._stats is not None
+        w.row = self._stats.claim(pid, node.index, instance, time.monotonic_ns())
         node.workers[instance] = w
         self._by_pid[pid] = w
         try:
@@ -315,6 +327,8 @@ class Pipe:
         conn.setblocking(False)
         w.conn = conn
         w.joined = True
+        if self._stats is not None:
+            self._stats.set_state(w.row, stats.RUNNING)
         self._loop.add_reader(conn.fileno(), self._on_control, w)
 
     def _send_join_reply(self, conn: socket.socket, w: _Worker) -> None:
@@ -327,8 +341,11 @@ class Pipe:
             qfds, shape = share(q)
             fds.extend(qfds)
             shapes.append(shape)
+        assert self._stats is not None
+        fds.append(self._stats.fd)
         reply = control.JoinReply(self.name, node.name, w.instance, node.proc.config,
-                                  shapes[0], shapes[1:])
+                                  shapes[0], shapes[1:], stats_rows=self._stats.rows,
+                                  stats_row=w.row)
         control.send_msg(conn, reply, fds)
 
     def _on_control(self, w: _Worker) -> None:
@@ -384,6 +401,11 @@ class Pipe:
         node = w.node
         node.workers.pop(w.instance, None)
         self._by_pid.pop(w.pid, None)
+        if self._stats is not None:
+            row = self._stats.read(w.row)
+            for key in _COUNTERS:
+                node.retired[key] = node.retired.get(key, 0) + row[key]
+            self._stats.set_state(w.row, stats.EXITED)
         if self._state != "running" or self._done is None or self._done.done():
             return  # failed, killed or finished: nothing to restart or to pass on
         if w.error is not None:
@@ -579,6 +601,9 @@ class Pipe:
                 q.detach()
         for node in self._nodes.values():
             node.input = None
+        if self._stats is not None:
+            self._stats.close()
+            self._stats = None
         self._output = None
         if loop is not None:
             for sig in self._signals_installed:
@@ -664,19 +689,31 @@ class Pipe:
     # -- introspection ------------------------------------------------------------------------
 
     def statistics(self) -> PipeStatistics:
-        """Per processor: running ``instances``, ``restarts``, ``finished``, frames ``queued``
-        in its input, and ``lost_frames``: frames a worker had taken and not finished when it
-        died (counted, never silently dropped). Kept after the pipe ends."""
+        """Per processor: running ``instances`` and their ``workers`` (pid, instance and
+        counters each), ``restarts``, ``finished``, frames ``queued`` in its input and its
+        ``capacity``, the counters summed over every worker it ever ran (``frames_in``,
+        ``frames_out``, ``bytes_out``, ``get_wait_ns``: time starved, ``emit_wait_ns``: time
+        under back-pressure), and ``lost_frames``: frames a worker had taken and not finished
+        when it died (counted, never silently dropped). Kept after the pipe ends."""
         if self._final is not None:
             return self._final
         procs: dict[str, dict[str, Any]] = {}
         for name, node in self._nodes.items():
+            totals = {key: node.retired.get(key, 0) for key in _COUNTERS}
+            workers = []
+            for w in sorted(node.workers.values(), key=lambda w: w.instance):
+                row = self._stats.read(w.row) if self._stats is not None else {}
+                for key in _COUNTERS:
+                    totals[key] += row.get(key, 0)
+                workers.append({"pid": w.pid, "instance": w.instance, "joined": w.joined,
+                                **{key: row.get(key, 0) for key in _COUNTERS}})
             entry: dict[str, Any] = {
                 "instances": len(node.workers), "restarts": node.restarts_used,
-                "finished": node.finished,
+                "finished": node.finished, **totals, "workers": workers,
             }
             if node.input is not None:
                 st = node.input.statistics()
-                entry.update(queued=st.qsize, lost_frames=st.lost_items + st.lost_leases)
+                entry.update(queued=st.qsize, capacity=st.maxsize,
+                             lost_frames=st.lost_items + st.lost_leases)
             procs[name] = entry
         return PipeStatistics(procs, self._discarded)

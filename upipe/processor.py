@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -33,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from . import control
+from . import control, stats
 from .errors import Closed, Empty, Full, UpipeError
-from .queue import Queue, attach_fds
+from .queue import _NOTHING, Queue, attach_fds
 
 __all__ = ["Processor", "ProcessorError"]
 
@@ -118,6 +119,16 @@ def _check_main_guard(name: str) -> None:
         "`if __name__ == '__main__':` guard. Worker processes import that file, so the code "
         "that builds and starts the pipe must sit under that guard"
     )
+
+
+def _payload_size(data: Any) -> int:
+    """Bytes of a frame's payload for the stats (0 for objects without a buffer)."""
+    if data.__class__ is bytes:
+        return len(data)
+    nbytes = getattr(data, "nbytes", None)  # ndarray, memoryview
+    if isinstance(nbytes, int):
+        return nbytes
+    return len(data) if isinstance(data, bytearray) else 0
 
 
 def _set_parent_death_signal(pipe_pid: int) -> None:
@@ -233,6 +244,9 @@ class Processor:
         self._waiting_to_emit = False
         self._reads = False  # it has asked for input: it ends with its input, not at an emit
         self._ended = False
+        # This worker's row of counters in the pipe's stats block (a list until joined).
+        self._st: Any = [0] * stats.ROW_WORDS
+        self._stats: stats.StatsBlock | None = None
 
     def __repr__(self) -> str:
         what = (f"func={getattr(self.func, '__qualname__', self.func)}" if self.func
@@ -303,6 +317,9 @@ class Processor:
                 reply.output_shapes)
             queues = [attach_fds((fds[3 * i], fds[3 * i + 1], fds[3 * i + 2]), shape)
                       for i, shape in enumerate(shapes)]
+            if reply.stats_rows:
+                self._stats = stats.StatsBlock.attach(fds[3 * len(shapes)], reply.stats_rows)
+                self._st = self._stats.row(reply.stats_row)
         except BaseException:
             sock.close()
             raise
@@ -386,12 +403,14 @@ class Processor:
         """The next frame, or None at once if there is none (or the input has ended)."""
         q = self._source()
         try:
-            return q.get(False)
-        except Empty:
-            return None
+            data = q._try_get()  # no exception for "nothing yet": this is the common case
         except Closed:
             self._ended = True
             return None
+        if data is _NOTHING:
+            return None
+        self._st[stats.FRAMES_IN] += 1
+        return data
 
     async def get_sync(self, timeout: float | None = None) -> Any:
         """The next frame, waiting for one (up to ``timeout`` seconds).
@@ -403,23 +422,39 @@ class Processor:
         """
         q = self._source()
         try:
-            return await q.get_async(timeout)
+            data = q._try_get()
+            if data is _NOTHING:
+                t0 = time.perf_counter_ns()
+                try:
+                    data = await q.get_async(timeout)
+                finally:
+                    self._st[stats.GET_WAIT] += time.perf_counter_ns() - t0
         except Empty:
             raise TimeoutError(f"processor {self.name!r}: no frame within {timeout} s") from None
         except Closed:
             self._ended = True
             return None
+        self._st[stats.FRAMES_IN] += 1
+        return data
 
     def get_blocking(self, timeout: float | None = None) -> Any:
         """:meth:`get_sync` for plain code: waits; None at the end of the stream."""
         q = self._source()
         try:
-            return q.get(True, timeout)
+            data = q._try_get()
+            if data is _NOTHING:
+                t0 = time.perf_counter_ns()
+                try:
+                    data = q.get(True, timeout)
+                finally:
+                    self._st[stats.GET_WAIT] += time.perf_counter_ns() - t0
         except Empty:
             raise TimeoutError(f"processor {self.name!r}: no frame within {timeout} s") from None
         except Closed:
             self._ended = True
             return None
+        self._st[stats.FRAMES_IN] += 1
+        return data
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._aiter()
@@ -454,15 +489,19 @@ class Processor:
         when one of them has no room (back-pressure), else True. Without data (as in the uPipe
         README's ``await proc.emit()``) the frame is empty (``b""``)."""
         outs = self._targets(data)
+        size = _payload_size(data)
         if len(outs) == 1:
             try:
                 outs[0].put(data, False)
-                return True
             except Full:
                 return False
-        if any(q.full() for q in outs):
-            return False
-        await self._fan_out(data, outs, None)
+        else:
+            if any(q.full() for q in outs):
+                return False
+            await self._fan_out(data, outs, None)
+        st = self._st
+        st[stats.FRAMES_OUT] += 1
+        st[stats.BYTES_OUT] += size
         return True
 
     async def emit_sync(self, data: Any = b"", timeout: float | None = None) -> None:
@@ -472,14 +511,30 @@ class Processor:
         :raises upipe.Full: still no room after ``timeout`` seconds.
         """
         outs = self._targets(data)
-        self._waiting_to_emit = True
-        try:
-            if len(outs) == 1:
-                await outs[0].put_async(data, timeout)
-            else:
+        size = _payload_size(data)
+        st = self._st
+        if len(outs) == 1:
+            q = outs[0]
+            try:
+                q.put(data, False)  # the common case: room, no wait
+            except Full:
+                self._waiting_to_emit = True
+                t0 = time.perf_counter_ns()
+                try:
+                    await q.put_async(data, timeout)
+                finally:
+                    self._waiting_to_emit = False
+                    st[stats.EMIT_WAIT] += time.perf_counter_ns() - t0
+        else:
+            self._waiting_to_emit = True
+            t0 = time.perf_counter_ns()
+            try:
                 await self._fan_out(data, outs, timeout)
-        finally:
-            self._waiting_to_emit = False
+            finally:
+                self._waiting_to_emit = False
+                st[stats.EMIT_WAIT] += time.perf_counter_ns() - t0
+        st[stats.FRAMES_OUT] += 1
+        st[stats.BYTES_OUT] += size
 
     @staticmethod
     async def _fan_out(data: Any, outs: Sequence[Queue], timeout: float | None) -> None:
@@ -492,13 +547,24 @@ class Processor:
     def emit_blocking(self, data: Any = b"", timeout: float | None = None) -> None:
         """:meth:`emit_sync` for plain code."""
         outs = self._targets(data)
-        self._waiting_to_emit = True
+        size = _payload_size(data)
+        st = self._st
         try:
-            for q in outs[1:]:
-                q.put(data, True, timeout)
-            outs[0].put(data, True, timeout)
-        finally:
-            self._waiting_to_emit = False
+            if len(outs) > 1:
+                raise Full  # fan-out: the waiting path below
+            outs[0].put(data, False)  # the common case: room, no wait
+        except Full:
+            self._waiting_to_emit = True
+            t0 = time.perf_counter_ns()
+            try:
+                for q in outs[1:]:
+                    q.put(data, True, timeout)
+                outs[0].put(data, True, timeout)
+            finally:
+                self._waiting_to_emit = False
+                st[stats.EMIT_WAIT] += time.perf_counter_ns() - t0
+        st[stats.FRAMES_OUT] += 1
+        st[stats.BYTES_OUT] += size
 
     # -- zero-copy output buffers -------------------------------------------------------------
 
