@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from . import control, stats, worker
 from .errors import Closed, Empty, UpipeError
-from .processor import Processor, ProcessorError
+from .processor import Processor, ProcessorError, _check_main_guard
 from .queue import Queue, share
 
 __all__ = ["Pipe", "PipeStatistics"]
@@ -132,6 +134,9 @@ class Pipe:
         self._discarded = 0
         self._final: PipeStatistics | None = None  # the last statistics, kept after the end
         self._stats: stats.StatsBlock | None = None
+        self._psutil: dict[int, psutil.Process] = {}  # one per worker pid (CPU times are deltas)
+        self._started_ns = 0
+        self._errors: list[str] = []
 
     def __repr__(self) -> str:
         return f"<upipe.Pipe {self.name!r} {self._state} processors={list(self._nodes) or '?'}>"
@@ -185,6 +190,8 @@ class Pipe:
                     f"processor {p.name!r} has neither func= nor entry=: in the pipe script "
                     f"declare it with the code to run, e.g. Processor({p.name!r}, "
                     f"entry='./{p.name}.py') or Processor({p.name!r}, func=module_function)")
+            if p.func is not None:
+                _check_main_guard(p.name, require_file=False)
             if p.entry is not None and not Path(p.entry).is_file():
                 raise FileNotFoundError(
                     f"processor {p.name!r}: entry script {p.entry!r} not found (relative paths "
@@ -225,6 +232,7 @@ class Pipe:
         self._done = loop.create_future()
         self._request_lock = asyncio.Lock()
         self._state = "running"
+        self._started_ns = time.monotonic_ns()
         try:
             for node in self._nodes.values():
                 node.input = Queue(**node.proc.queue_options)
@@ -308,6 +316,10 @@ class Pipe:
                 return
             conn.settimeout(HANDSHAKE_TIMEOUT)
             hello, _ = control.recv_msg(conn)
+            if isinstance(hello, dict) and hello.get("request") == "snapshot":
+                control.send_msg(conn, self.snapshot())  # a monitor (upipe status / top)
+                conn.close()
+                return
             w = self._by_pid.get(pid)
             name = hello.get("processor") if isinstance(hello, dict) else None
             if w is None or w.joined or name != w.node.name:
@@ -433,6 +445,7 @@ class Pipe:
             log.warning("pipe %s: processor %r instance %d (pid %d) %s; restarting it (%d of %d)",
                         self.name, node.name, w.instance, w.pid, how, node.restarts_used,
                         node.proc.restarts)
+            self._errors.append(f"{node.name}[{w.instance}] pid {w.pid} {how}: restarted")
             try:
                 self._spawn(node, w.instance)
             except OSError as exc:
@@ -473,6 +486,7 @@ class Pipe:
                 node.input.close()
 
     def _fail(self, exc: BaseException) -> None:
+        self._errors.append(str(exc).split("\n", 1)[0])
         if self._error is None:
             self._error = exc
         self._kill_all()
@@ -717,3 +731,42 @@ class Pipe:
                              lost_frames=st.lost_items + st.lost_leases)
             procs[name] = entry
         return PipeStatistics(procs, self._discarded)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a monitor shows, as plain data: the pipe, each processor's statistics
+        (see :meth:`statistics`), topology and instance bounds, and each worker's CPU time and
+        memory (psutil). ``upipe status`` and ``upipe top`` get this over the control socket."""
+        st = self.statistics()
+        procs: dict[str, Any] = {}
+        for name, entry in st.processors.items():
+            node = self._nodes[name]
+            workers = []
+            for w in entry["workers"]:
+                info = dict(w)
+                ps = self._psutil.get(w["pid"])
+                try:
+                    if ps is None:
+                        ps = self._psutil[w["pid"]] = psutil.Process(w["pid"])
+                    times = ps.cpu_times()
+                    info.update(cpu_s=times.user + times.system, rss=ps.memory_info().rss)
+                except psutil.Error:
+                    info.update(cpu_s=0.0, rss=0)
+                workers.append(info)
+            procs[name] = {
+                **entry, "workers": workers,
+                "kind": "entry" if node.proc.entry else "func",
+                "upstream": [u.name for u in node.upstream] + (["(pipe)"] if node.is_root else []),
+                "downstream": [d.name for d in node.downstream],
+                "max_instances": node.proc.max_instances,
+                "target_instances": node.proc.instances,
+            }
+        live = {w["pid"] for p in procs.values() for w in p["workers"]}
+        for pid in list(self._psutil):
+            if pid not in live:
+                del self._psutil[pid]
+        return {
+            "pipe": self.name, "pid": os.getpid(), "state": self._state,
+            "t_ns": time.monotonic_ns(), "uptime_s": (time.monotonic_ns() - self._started_ns) / 1e9,
+            "processors": procs, "discarded_outputs": st.discarded_outputs,
+            "events": list(self._errors[-20:]),
+        }

@@ -96,16 +96,19 @@ def _check_func(name: str, func: Callable[..., Any]) -> None:
         _check_main_guard(name)
 
 
-def _check_main_guard(name: str) -> None:
-    """A func from the pipe script: spawned workers import that script, so it must be a file
-    whose pipe-starting code sits under ``if __name__ == '__main__':``."""
+def _check_main_guard(name: str, require_file: bool = True) -> None:
+    """Spawned (and forkserver) workers import the pipe script as their main module, so the
+    code that builds and starts the pipe must sit under ``if __name__ == '__main__':``.
+    ``require_file``: the function itself lives in the main module, which must then be a file."""
     main = sys.modules["__main__"]
     path = getattr(main, "__file__", None)
     if not path or not Path(path).is_file():
-        raise ValueError(
-            f"Processor {name!r}: func is defined in an interactive session, which worker "
-            "processes cannot import; put it in a module (a .py file) and import it from there"
-        )
+        if require_file:
+            raise ValueError(
+                f"Processor {name!r}: func is defined in an interactive session, which worker "
+                "processes cannot import; put it in a module (a .py file) and import it from "
+                "there")
+        return  # no main file: workers do not import one
     try:
         tree = ast.parse(Path(path).read_text(encoding="utf-8"))
     except (OSError, SyntaxError, UnicodeDecodeError):
@@ -115,9 +118,9 @@ def _check_main_guard(name: str) -> None:
                 and "__main__" in ast.unparse(node.test):
             return
     raise ValueError(
-        f"Processor {name!r}: func is defined in {path}, which has no "
-        "`if __name__ == '__main__':` guard. Worker processes import that file, so the code "
-        "that builds and starts the pipe must sit under that guard"
+        f"Processor {name!r} runs func= workers, which import the main script {path}; it has no "
+        "`if __name__ == '__main__':` guard, so each worker would run the pipe again. Put the "
+        "code that builds and starts the pipe under that guard"
     )
 
 
