@@ -103,10 +103,16 @@ class Pipe:
     :param start_method: ``"spawn"`` (default) or ``"forkserver"``: how ``func=`` workers
         start (``entry=`` scripts always start as a fresh ``python script``).
     :param output_size: the capacity of the queue that collects what sinks emit.
+    :param metrics_port: serve Prometheus metrics of this pipe at
+        ``http://metrics_host:metrics_port/metrics`` while it runs (0 picks a free port, then
+        ``pipe.metrics_port`` is the one in use after ``start()``); None (default): no server.
+        Needs ``pip install "upipe[monitor]"``. See docs/monitoring.md.
+    :param metrics_host: the address the metrics server listens on (loopback by default).
     """
 
     def __init__(self, name: str, *, start_method: str = "spawn",
-                 output_size: int = DEFAULT_OUTPUT_SIZE) -> None:
+                 output_size: int = DEFAULT_OUTPUT_SIZE, metrics_port: int | None = None,
+                 metrics_host: str = "127.0.0.1") -> None:
         if not isinstance(name, str) or not name or "\0" in name or "/" in name:
             raise ValueError(f"a pipe's name must be a non-empty string without '/', got {name!r}")
         if start_method not in ("spawn", "forkserver"):
@@ -137,6 +143,9 @@ class Pipe:
         self._psutil: dict[int, psutil.Process] = {}  # one per worker pid (CPU times are deltas)
         self._started_ns = 0
         self._errors: list[str] = []
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
+        self._metrics: Any = None  # upipe.metrics.MetricsServer while the pipe runs
 
     def __repr__(self) -> str:
         return f"<upipe.Pipe {self.name!r} {self._state} processors={list(self._nodes) or '?'}>"
@@ -242,6 +251,11 @@ class Pipe:
             self._stats = stats.StatsBlock.create(
                 sum(n.proc.max_instances for n in self._nodes.values()) + 16)
             self._open_control()
+            if self.metrics_port is not None:
+                from . import metrics
+
+                self._metrics = metrics.serve_pipe(self, self.metrics_port, self.metrics_host)
+                self.metrics_port = self._metrics.port
             self._install_signal_handlers()
             for node in self._nodes.values():
                 for i in range(node.proc.instances):
@@ -509,9 +523,12 @@ class Pipe:
 
     # -- completion and termination -----------------------------------------------------------
 
-    async def wait_for_completion(self) -> None:
+    async def wait_for_completion(self, progress: bool = False) -> None:
         """Return when every source has finished and every frame is drained.
 
+        :param progress: meanwhile, show a line per processor on stderr (frames in and out,
+            rate, input queue fill), drawn by this process: redrawn in place 4 times a second
+            when stderr is a terminal, else written every 5 s and once at the end.
         :raises ProcessorError: the first failure: a processor raised (with its remote
             traceback, processor name and pid) or died more often than its ``restarts``.
         :raises KeyboardInterrupt: the pipe was stopped by Ctrl-C (SIGINT), after it drained
@@ -520,9 +537,19 @@ class Pipe:
         if self._state == "new":
             raise UpipeError(f"pipe {self.name!r} has not started: await pipe.start() first")
         assert self._done is not None
+        drawer = None
+        if progress and not self._done.done():
+            from . import view
+
+            drawer = asyncio.get_running_loop().create_task(
+                view.draw_progress(self.name, self.statistics))
         try:
             await asyncio.shield(self._done)
         finally:
+            if drawer is not None:
+                drawer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await drawer
             if self._done.done():
                 await self._finish()
         self._raise_for_signal()
@@ -597,6 +624,9 @@ class Pipe:
                     w.handle.join()
             node.workers.clear()
         self._by_pid.clear()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         if self._listener is not None:
             if loop is not None:
                 loop.remove_reader(self._listener.fileno())
