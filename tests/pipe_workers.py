@@ -154,3 +154,19 @@ async def frame_check(proc: Processor) -> None:
         writable |= bool(x.flags.writeable)
         n += 1
     write_report(proc, {"frames": n, "bad": bad, "writable": writable})
+
+
+async def burst_then_idle(proc: Processor) -> None:
+    """config['count'] frames as fast as the pipe takes them, then config['idle'] seconds of
+    nothing (the pipe stays up), then the end."""
+    for i in range(proc.config["count"]):
+        await proc.emit_sync(i.to_bytes(8, "little"))
+    await asyncio.sleep(proc.config["idle"])
+
+
+async def slow_plus_one(proc: Processor) -> None:
+    """An I/O-bound stage: waits config['delay'] seconds per frame (like a remote call)."""
+    delay = proc.config["delay"]
+    async for data in proc:
+        await asyncio.sleep(delay)
+        await proc.emit_sync((int.from_bytes(data, "little") + 1).to_bytes(8, "little"))

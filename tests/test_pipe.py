@@ -16,7 +16,7 @@ import pipe_workers as pw
 import psutil
 import pytest
 
-from upipe import Pipe, Processor, ProcessorError, UpipeError
+from upipe import Pipe, Processor, ProcessorError, UpipeError, monitor
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -29,6 +29,15 @@ def run(coro: Any) -> Any:
 async def run_pipe(pipe: Pipe) -> None:
     await pipe.start()
     await pipe.wait_for_completion()
+
+
+async def until(condition: Any, timeout: float = 30) -> None:
+    """Poll condition() until it holds (a loaded machine starts workers slowly)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s")
+        await asyncio.sleep(0.02)
 
 
 def seen_by(report: str, name: str) -> list[int]:
@@ -53,7 +62,9 @@ def local_function_holder() -> Any:
         ({"func": local_function_holder()}, "inside another function"),
         ({"func": 42}, "must be a function"),
         ({"func": pw.collect, "instances": 0}, "instances must be an int >= 1"),
-        ({"func": pw.collect, "instances": 3, "autoscale": 2}, "more than autoscale"),
+        ({"func": pw.collect, "instances": 3, "autoscale": 2}, "outside 1..2"),
+        ({"func": pw.collect, "min_instances": 3, "autoscale": 2}, "min_instances=3 is more"),
+        ({"func": pw.collect, "autoscale": 2, "max_instances": 3}, "disagree"),
         ({"func": pw.collect, "restarts": -1}, "restarts"),
         ({"func": pw.collect, "queue_size": 0}, "queue_size"),
     ],
@@ -102,6 +113,17 @@ def test_topology_errors_name_what_is_wrong(no_leaks: None) -> None:
 
     with pytest.raises(ValueError, match="no processors"):
         run(Pipe("empty").start())
+
+
+def test_instance_bounds() -> None:
+    fixed = Processor("f", func=pw.collect, instances=3)
+    assert (fixed.instances, fixed.min_instances, fixed.max_instances, fixed.autoscaled) == (
+        3, 3, 3, False)
+    seed = Processor("s", func=pw.collect, autoscale=4)  # the seed's "at most 4"
+    assert (seed.instances, seed.min_instances, seed.max_instances, seed.autoscaled) == (
+        1, 1, 4, True)
+    both = Processor("b", func=pw.collect, min_instances=2, max_instances=5, instances=3)
+    assert (both.instances, both.min_instances, both.max_instances) == (3, 2, 5)
 
 
 def test_add_returns_what_it_added() -> None:
@@ -277,7 +299,7 @@ def test_terminate_mid_stream_stops_the_source_and_drains(tmp_path: Path,
             Processor("mid", func=pw.plus_one)).add(
             Processor("sink", func=pw.collect, config={"report": report}))
         await pipe.start()
-        await asyncio.sleep(1.0)
+        await until(lambda: pipe.statistics().processors["sink"]["frames_in"] >= 100)
         t0 = time.monotonic()
         await pipe.terminate()
         assert time.monotonic() - t0 < 10
@@ -286,6 +308,18 @@ def test_terminate_mid_stream_stops_the_source_and_drains(tmp_path: Path,
     run(main())
     seen = seen_by(report, "sink")
     assert seen and seen == list(range(1, len(seen) + 1)), "a gap-free prefix reached the sink"
+
+
+def wait_for_frames(pid: int, processor: str, n: int, timeout: float = 30) -> None:
+    """Until the pipe run by process ``pid`` has passed n frames to ``processor`` (asked
+    over its control socket, as upipe status does)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for snap in monitor.snapshots():
+            if snap["pid"] == pid and snap["processors"][processor]["frames_in"] >= n:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"{processor} did not get {n} frames within {timeout} s")
 
 
 PIPE_SCRIPT = textwrap.dedent("""
@@ -320,7 +354,7 @@ def test_a_signal_to_a_pipe_script_stops_it_leaving_nothing(tmp_path: Path, sig:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "Running"
-        time.sleep(0.5)
+        wait_for_frames(proc.pid, "sink", 100)
         family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert len(family) >= 3
         for _ in range(signals):
@@ -383,3 +417,59 @@ def test_forkserver_start_method_and_statistics_after_the_end(tmp_path: Path,
     assert src["frames_out"] == 500 and src["bytes_out"] == 500 * 8
     with pytest.raises(ValueError, match="start_method"):
         Pipe("x", start_method="fork")
+
+
+def test_scale_up_and_down_without_losing_a_frame(tmp_path: Path, no_leaks: None) -> None:
+    report = str(tmp_path / "r")
+
+    async def main() -> tuple[list[int], list[int], Pipe]:
+        pipe = Pipe("scaling", autoscaler=False)  # scaled by hand here
+        pipe.add(Processor("src", func=pw.endless_source)).add(
+            Processor("mid", func=pw.plus_one, autoscale=3, instances=1)).add(
+            Processor("sink", func=pw.collect, config={"report": report}))
+        async with pipe:
+            return await scale_around(pipe)
+
+    async def scale_around(pipe: Pipe) -> tuple[list[int], list[int], Pipe]:
+        await pipe.start()
+        counts = []
+        await pipe.scale("mid", 3, reason="test: up")
+        await asyncio.sleep(1.0)
+        counts.append(len(pipe._nodes["mid"].workers))
+        await pipe.scale("mid", 1, reason="test: down")
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if len(pipe._nodes["mid"].workers) == 1:
+                break
+        counts.append(len(pipe._nodes["mid"].workers))
+        with pytest.raises(ValueError, match="1 to 3 instances"):
+            await pipe.scale("mid", 4)
+        with pytest.raises(ValueError, match="no processor 'nope'"):
+            await pipe.scale("nope", 1)
+        snap = pipe.snapshot()["processors"]["mid"]
+        restarts = [pipe._nodes["mid"].restarts_used, snap["target_instances"]]
+        assert snap["reason"] == "test: down"
+        await pipe.terminate()
+        await pipe.wait_for_completion()
+        return counts, restarts, pipe
+
+    counts, (restarts, target), pipe = run(main())
+    assert counts == [3, 1] and restarts == 0 and target == 1
+    seen = seen_by(report, "sink")
+    assert len(seen) == len(set(seen)), "no frame twice"
+    assert sorted(seen) == list(range(1, len(seen) + 1)), "no frame lost (retired workers " \
+        "finished theirs)"
+    assert pipe.statistics().processors["mid"]["lost_frames"] == 0
+
+
+def test_async_with_kills_and_cleans_up_after_an_exception(no_leaks: None) -> None:
+    async def main() -> None:
+        async with Pipe("oops") as pipe:
+            pipe.add(Processor("src", func=pw.endless_source)).add(
+                Processor("mid", func=pw.plus_one))
+            await pipe.start()
+            await asyncio.sleep(0.3)
+            raise RuntimeError("the caller's own bug")
+
+    with pytest.raises(RuntimeError, match="the caller's own bug"):
+        run(main())

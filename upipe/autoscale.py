@@ -72,15 +72,23 @@ than it could, never more.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
 import os
+import time
 from bisect import bisect_right
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+log = logging.getLogger("upipe.autoscale")
 
 __all__ = [
+    "Autoscaler",
     "Decision",
     "Knobs",
     "PolicyState",
@@ -705,3 +713,111 @@ def memory_available(root: str | os.PathLike[str] = "/sys/fs/cgroup",
             except ValueError:
                 pass
     return best
+
+
+# -- the loop that applies it --------------------------------------------------------------------
+
+
+class Autoscaler:
+    """Samples a running pipe every ``interval`` seconds, runs :func:`decide` and applies its
+    targets with ``pipe.scale`` (which retires workers through their input, so a busy worker
+    is never killed). Every up/down decision is logged and kept in :attr:`decisions` (the
+    monitor shows the last reason per processor).
+
+    It takes the pipe as a duck (``statistics()``, ``scale()``, ``processor_bounds()``,
+    ``input_closed()``, ``topology()``), so the policy module does not import the pipe.
+    """
+
+    def __init__(self, pipe: Any, knobs: Knobs | None = None, interval: float = 0.5) -> None:
+        self.pipe = pipe
+        self.knobs = knobs or Knobs()
+        self.interval = interval
+        self.history: deque[Snapshot] = deque()
+        self.state = PolicyState()
+        self.decisions: deque[tuple[int, Decision]] = deque(maxlen=200)
+        self.budget = cpu_budget()
+        self._cpu: dict[int, int] = {}  # pid -> its last CPU reading (ns), kept after it exits
+        self._cpu_gone: dict[str, int] = {}  # processor -> CPU of its exited workers
+        self._ps: dict[int, Any] = {}  # pid -> psutil.Process (one per worker)
+        self._owner: dict[int, str] = {}  # pid -> its processor
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the pipe must outlive a bad sample
+                log.exception("autoscaler: a step failed (the pipe carries on)")
+
+    def sample(self) -> Snapshot:
+        import psutil
+
+        st = self.pipe.statistics().processors
+        bounds = self.pipe.processor_bounds()
+        up, down = self.pipe.topology()
+        procs: dict[str, ProcessorSample] = {}
+        live: set[int] = set()
+        for name, p in st.items():
+            cpu = rss = 0
+            for w in p["workers"]:
+                pid = w["pid"]
+                live.add(pid)
+                self._owner[pid] = name
+                ps = self._ps.get(pid)
+                try:
+                    if ps is None:
+                        ps = self._ps[pid] = psutil.Process(pid)
+                    with ps.oneshot():
+                        t = ps.cpu_times()
+                        self._cpu[pid] = int((t.user + t.system) * _NS)
+                        rss += int(ps.memory_info().rss)
+                except psutil.Error:
+                    pass
+                cpu += self._cpu.get(pid, 0)
+            procs[name] = ProcessorSample(
+                name=name, instances=p["instances"], min_instances=bounds[name][0],
+                max_instances=bounds[name][1], frames_in=p["frames_in"],
+                frames_out=p["frames_out"], get_wait_ns=p["get_wait_ns"],
+                emit_wait_ns=p["emit_wait_ns"], cpu_ns=cpu + self._cpu_gone.get(name, 0),
+                rss_bytes=rss, queued=p.get("queued", 0), capacity=p.get("capacity", 0),
+                input_closed=self.pipe.input_closed(name), upstream=tuple(up[name]),
+                downstream=tuple(down[name]))
+        # A worker that exited keeps its last CPU reading in its processor's total (the
+        # policy takes differences of counters, which must only grow).
+        for pid in [pid for pid in self._cpu if pid not in live]:
+            name = self._owner.pop(pid, None)
+            if name is not None:
+                self._cpu_gone[name] = self._cpu_gone.get(name, 0) + self._cpu[pid]
+            del self._cpu[pid]
+            self._ps.pop(pid, None)
+        return Snapshot(time.monotonic_ns(), procs, self.budget, memory_available())
+
+    async def step(self) -> list[Decision]:
+        snap = self.sample()
+        self.history.append(snap)
+        horizon = snap.t_ns - int(self.knobs.horizon_s * _NS)
+        while len(self.history) > 2 and self.history[1].t_ns < horizon:
+            self.history.popleft()
+        decisions, self.state = decide(list(self.history), self.state, self.knobs)
+        targets = self.pipe.targets()
+        for d in decisions:
+            if d.kind != "hold":
+                self.decisions.append((snap.t_ns, d))
+                log.info("autoscaler: %s %s: %s", d.processor, d.kind, d.reason)
+            if d.target != targets.get(d.processor, d.target) and self.pipe.scalable(d.processor):
+                await self.pipe.scale(d.processor, d.target,
+                                      reason=None if d.kind == "hold" else d.reason)
+        return decisions

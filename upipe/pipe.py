@@ -34,8 +34,9 @@ from typing import Any
 import psutil
 
 from . import control, stats, worker
+from .autoscale import Autoscaler, Knobs
 from .errors import Closed, Empty, UpipeError
-from .processor import Processor, ProcessorError, _check_main_guard
+from .processor import RETIRE, Processor, ProcessorError, _check_main_guard
 from .queue import Queue, share
 
 __all__ = ["Pipe", "PipeStatistics"]
@@ -60,6 +61,7 @@ class _Worker:
     error: str | None = None
     joined: bool = False
     signalled: bool = False  # we sent it SIGTERM (terminate) or SIGKILL (kill)
+    retired: bool = False  # it took a Retire from its input (scaled down) and is leaving
     row: int = -1  # its row in the stats block
 
 
@@ -75,6 +77,9 @@ class _Node:
     restarts_used: int = 0
     finished: bool = False
     retired: dict[str, int] = field(default_factory=dict)  # counters of workers that exited
+    target: int = 0  # instances wanted (scale() / the autoscaler)
+    retiring: int = 0  # Retire requests sent and not yet answered by an exit
+    reason: str = ""  # why the target is what it is (the last scaling decision)
 
     @property
     def name(self) -> str:
@@ -108,16 +113,21 @@ class Pipe:
         ``pipe.metrics_port`` is the one in use after ``start()``); None (default): no server.
         Needs ``pip install "upipe[monitor]"``. See docs/monitoring.md.
     :param metrics_host: the address the metrics server listens on (loopback by default).
+    :param autoscaler: run the autoscaler (:mod:`upipe.autoscale`) for processors declared with
+        ``autoscale=N`` / ``max_instances``: True (default), False, or a
+        :class:`upipe.autoscale.Knobs` to tune it. Processors with a fixed count are left alone.
     """
 
     def __init__(self, name: str, *, start_method: str = "spawn",
                  output_size: int = DEFAULT_OUTPUT_SIZE, metrics_port: int | None = None,
-                 metrics_host: str = "127.0.0.1") -> None:
+                 metrics_host: str = "127.0.0.1", autoscaler: bool | Knobs = True) -> None:
         if not isinstance(name, str) or not name or "\0" in name or "/" in name:
             raise ValueError(f"a pipe's name must be a non-empty string without '/', got {name!r}")
         if start_method not in ("spawn", "forkserver"):
             raise ValueError("start_method must be 'spawn' or 'forkserver' (a bare fork would "
                              f"copy a running event loop), got {start_method!r}")
+        if isinstance(output_size, bool) or not isinstance(output_size, int) or output_size < 1:
+            raise ValueError(f"output_size must be an int >= 1, got {output_size!r}")
         self.name = name
         self.start_method = start_method
         self.output_size = output_size
@@ -143,12 +153,30 @@ class Pipe:
         self._psutil: dict[int, psutil.Process] = {}  # one per worker pid (CPU times are deltas)
         self._started_ns = 0
         self._errors: list[str] = []
+        self.autoscaler_knobs: Knobs | None = (
+            autoscaler if isinstance(autoscaler, Knobs) else Knobs() if autoscaler else None)
+        self._autoscaler: Autoscaler | None = None
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host
         self._metrics: Any = None  # upipe.metrics.MetricsServer while the pipe runs
 
     def __repr__(self) -> str:
         return f"<upipe.Pipe {self.name!r} {self._state} processors={list(self._nodes) or '?'}>"
+
+    async def __aenter__(self) -> Pipe:
+        return self
+
+    async def __aexit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        """Leave nothing running: after an exception every worker is killed at once; else
+        the pipe is terminated (sources stopped, frames in flight finished)."""
+        if self._state != "running":
+            return
+        if exc is not None:
+            self._kill_all()
+            self._complete(None)
+            await self._finish()
+        else:
+            await self.terminate()
 
     # -- topology -----------------------------------------------------------------------------
 
@@ -201,6 +229,12 @@ class Pipe:
                     f"entry='./{p.name}.py') or Processor({p.name!r}, func=module_function)")
             if p.func is not None:
                 _check_main_guard(p.name, require_file=False)
+            try:
+                pickle.dumps(p.config, protocol=5)
+            except Exception as exc:
+                raise TypeError(f"processor {p.name!r}: its config cannot be sent to its workers "
+                                f"({exc}); use picklable values (dicts, lists, numbers, strings, "
+                                "arrays)") from exc
             if p.entry is not None and not Path(p.entry).is_file():
                 raise FileNotFoundError(
                     f"processor {p.name!r}: entry script {p.entry!r} not found (relative paths "
@@ -258,8 +292,14 @@ class Pipe:
                 self.metrics_port = self._metrics.port
             self._install_signal_handlers()
             for node in self._nodes.values():
+                node.target = node.proc.instances
+                node.reason = "initial"
                 for i in range(node.proc.instances):
                     self._spawn(node, i)
+            if self.autoscaler_knobs is not None and any(
+                    n.proc.autoscaled for n in self._nodes.values()):
+                self._autoscaler = Autoscaler(self, self.autoscaler_knobs)
+                self._autoscaler.start()
         except BaseException:
             self._shutdown()
             raise
@@ -346,7 +386,7 @@ class Pipe:
                 conn.close()
                 return
             self._send_join_reply(conn, w)
-        except (OSError, control.ControlError, EOFError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a bad peer must not take the supervisor down
             log.warning("pipe %s: a worker's join failed: %s", self.name, exc)
             conn.close()
             return
@@ -402,6 +442,8 @@ class Pipe:
                 continue
             if isinstance(msg, dict) and isinstance(msg.get("error"), str) and w.error is None:
                 w.error = msg["error"]
+            elif isinstance(msg, dict) and msg.get("retired"):
+                w.retired = True
 
     def _close_conn(self, w: _Worker) -> None:
         if w.conn is not None:
@@ -439,6 +481,13 @@ class Pipe:
                 f"processor {node.name!r} (instance {w.instance}, pid {w.pid}) raised an "
                 "exception", node.name, w.pid, w.error, rc))
             return
+        if w.retired and rc == 0:
+            node.retiring = max(0, node.retiring - 1)
+            log.info("pipe %s: processor %r instance %d (pid %d) retired", self.name, node.name,
+                     w.instance, w.pid)
+            if not node.workers:
+                self._maybe_finished(node)
+            return
         if rc == 0 or (w.signalled and self._terminating):
             self._maybe_finished(node)
             return
@@ -453,6 +502,11 @@ class Pipe:
             return
         if self._terminating and node.is_root:
             self._maybe_finished(node)
+            return
+        if rc > 0:  # it chose to exit with an error (sys.exit(2), os._exit): a restart would too
+            self._fail(ProcessorError(
+                f"processor {node.name!r} (instance {w.instance}, pid {w.pid}) {how}",
+                node.name, w.pid, None, rc))
             return
         if node.restarts_used < node.proc.restarts:
             node.restarts_used += 1
@@ -507,6 +561,9 @@ class Pipe:
         self._complete(exc)
 
     def _complete(self, exc: BaseException | None) -> None:
+        fut = self._pending_reply
+        if fut is not None and not fut.done():
+            fut.set_exception(exc or UpipeError(f"pipe {self.name!r} ended before a reply"))
         if self._done is not None and not self._done.done():
             if exc is None:
                 self._done.set_result(None)
@@ -520,6 +577,70 @@ class Pipe:
                 w.signalled = True
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(w.pid, signal.SIGKILL)
+
+    # -- scaling ------------------------------------------------------------------------------
+
+    def processor_bounds(self) -> dict[str, tuple[int, int]]:
+        """(min_instances, max_instances) of every processor."""
+        return {n: (node.proc.min_instances, node.proc.max_instances)
+                for n, node in self._nodes.items()}
+
+    def topology(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """(upstream names, downstream names) of every processor."""
+        return ({n: [u.name for u in node.upstream] for n, node in self._nodes.items()},
+                {n: [d.name for d in node.downstream] for n, node in self._nodes.items()})
+
+    def targets(self) -> dict[str, int]:
+        """The instance count each processor is being brought to."""
+        return {n: node.target for n, node in self._nodes.items()}
+
+    def scalable(self, processor: str) -> bool:
+        """Whether scale() may change this processor now (running, not terminating, not done)."""
+        node = self._nodes[processor]
+        return (self._state == "running" and not self._terminating and self._done is not None
+                and not self._done.done() and not node.finished)
+
+    def input_closed(self, processor: str) -> bool:
+        """No more frames will reach this processor's input."""
+        node = self._nodes[processor]
+        return node.finished or node.input is None or node.input.closed
+
+    async def scale(self, processor: str, instances: int, reason: str | None = "by hand") -> None:
+        """Run ``instances`` workers of a processor from now on (between 1 and its
+        ``max_instances``). Up: new workers start at once. Down: the pipe puts a retire request
+        in the processor's input for each worker too many; the worker that takes one has no
+        frame in hand, finishes and exits (a busy worker is never killed)."""
+        if self._state != "running" or self._done is None or self._done.done():
+            raise UpipeError(f"pipe {self.name!r} is not running (it is {self._state})")
+        node = self._nodes.get(processor)
+        if node is None:
+            raise ValueError(f"pipe {self.name!r} has no processor {processor!r} "
+                             f"(it has: {', '.join(self._nodes)})")
+        low, top = node.proc.min_instances, node.proc.max_instances
+        if isinstance(instances, bool) or not isinstance(instances, int) \
+                or not low <= instances <= top:
+            raise ValueError(f"processor {processor!r} can run {low} to {top} instances "
+                             f"(min_instances..autoscale), not {instances!r}")
+        node.target = instances
+        if reason is not None:  # None: keep the reason of the last change
+            node.reason = reason
+        running = len(node.workers) - node.retiring
+        if instances > running:
+            log.info("pipe %s: %r %d -> %d instances (%s)", self.name, processor, running,
+                     instances, node.reason)
+            for _ in range(instances - running):
+                free = next(i for i in range(len(node.workers) + 1) if i not in node.workers)
+                self._spawn(node, free)
+        elif instances < running and node.input is not None and not node.finished:
+            log.info("pipe %s: %r %d -> %d instances (%s)", self.name, processor, running,
+                     instances, node.reason)
+            for _ in range(running - instances):
+                node.retiring += 1
+                try:
+                    await node.input.put_async(RETIRE)
+                except Closed:  # its input ended meanwhile: every worker is leaving anyway
+                    node.retiring -= 1
+                    break
 
     # -- completion and termination -----------------------------------------------------------
 
@@ -586,14 +707,18 @@ class Pipe:
                             self.name, timeout)
                 self._kill_all()
                 self._complete(None)
-            except BaseException:  # noqa: BLE001 - a processor failure: wait_for_completion says
-                pass
+            except UpipeError:
+                pass  # a processor failed meanwhile: raised below, and by wait_for_completion
         await self._finish()
+        if self._error is not None:
+            raise self._error
 
     async def _finish(self) -> None:
         if self._state != "running":
             return
         self._state = "stopping"
+        if self._autoscaler is not None:
+            await self._autoscaler.stop()
         self._kill_all()
         # Reap: _on_exit does it, one pidfd event after each (SIGKILLed) worker's exit.
         for _ in range(1000):
@@ -683,6 +808,9 @@ class Pipe:
 
     async def emit(self, data: Any, timeout: float | None = None) -> None:
         """Inject a frame into every root processor's input (waits for room)."""
+        if data is None:
+            raise ValueError(f"pipe {self.name!r}: emit(None): None marks the end of the "
+                             "stream in a processor's get(); emit a value")
         roots = self._running_roots()
         for node in roots[1:]:
             assert node.input is not None
@@ -697,6 +825,7 @@ class Pipe:
 
         :raises TimeoutError: no response within ``timeout`` seconds.
         """
+        self._running_roots()  # not started, or ended: say so now
         assert self._request_lock is not None and self._loop is not None
         async with self._request_lock:
             fut: asyncio.Future[Any] = self._loop.create_future()
@@ -708,9 +837,16 @@ class Pipe:
                 self._pending_reply = None
 
     def _running_roots(self) -> list[_Node]:
-        if self._state != "running":
-            raise UpipeError(f"pipe {self.name!r} is not running (it is {self._state})")
-        return [n for n in self._nodes.values() if n.is_root]
+        if self._state != "running" or self._done is None or self._done.done():
+            raise UpipeError(f"pipe {self.name!r} is not running (it is {self._state}): "
+                             + ("await pipe.start() first" if self._state == "new" else
+                                "start a new Pipe"))
+        roots = [n for n in self._nodes.values() if n.is_root]
+        done = [n.name for n in roots if n.finished]
+        if done:
+            raise UpipeError(f"pipe {self.name!r}: root processor(s) {', '.join(done)} have "
+                             "finished: nothing would read what you emit")
+        return roots
 
     async def _drain_outputs(self) -> None:
         """What sinks emit: the answer to a pending emit_sync, or discarded (counted)."""
@@ -742,11 +878,12 @@ class Pipe:
         if self._final is not None:
             return self._final
         procs: dict[str, dict[str, Any]] = {}
+        now = time.monotonic_ns()  # waits still in progress count up to now
         for name, node in self._nodes.items():
             totals = {key: node.retired.get(key, 0) for key in _COUNTERS}
             workers = []
             for w in sorted(node.workers.values(), key=lambda w: w.instance):
-                row = self._stats.read(w.row) if self._stats is not None else {}
+                row = self._stats.read(w.row, now) if self._stats is not None else {}
                 for key in _COUNTERS:
                     totals[key] += row.get(key, 0)
                 workers.append({"pid": w.pid, "instance": w.instance, "joined": w.joined,
@@ -788,7 +925,8 @@ class Pipe:
                 "upstream": [u.name for u in node.upstream] + (["(pipe)"] if node.is_root else []),
                 "downstream": [d.name for d in node.downstream],
                 "max_instances": node.proc.max_instances,
-                "target_instances": node.proc.instances,
+                "target_instances": node.target, "retiring": node.retiring,
+                "reason": node.reason,
             }
         live = {w["pid"] for p in procs.values() for w in p["workers"]}
         for pid in list(self._psutil):

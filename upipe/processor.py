@@ -45,6 +45,20 @@ DEFAULT_QUEUE_SIZE = 256
 _PR_SET_PDEATHSIG = 1
 
 
+class Retire:
+    """The pipe's request, travelling in a processor's input like a frame, that the one
+    instance which takes it finish (it has no frame in hand then) and exit: how a processor
+    scales down without killing a busy worker. Never seen by user code."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> str:
+        return "RETIRE"
+
+
+RETIRE = Retire()
+
+
 class ProcessorError(UpipeError):
     """A processor's worker failed: it raised (``remote_traceback`` says where) or died.
 
@@ -63,7 +77,7 @@ class ProcessorError(UpipeError):
     def __str__(self) -> str:
         text = super().__str__()
         if self.remote_traceback:
-            text += "\n\nRemote traceback (most recent call last):\n" + self.remote_traceback
+            text += "\n\nIn the worker:\n" + self.remote_traceback
         return text
 
 
@@ -175,9 +189,12 @@ class Processor:
     :param entry: a Python script run by each instance (``python entry``); it joins with
         ``Processor(name)`` and ``await proc.join()``.
     :param config: any picklable object, ``proc.config`` in the worker (default ``{}``).
-    :param instances: worker processes sharing the input (each frame goes to one of them).
-    :param autoscale: the seed's "at most N instances"; without ``instances`` it is the count
-        started (the autoscaler that moves between 1 and N comes later).
+    :param instances: worker processes sharing the input (each frame goes to one of them):
+        the count started. Alone, it is fixed.
+    :param autoscale: the seed's "at most N instances": the autoscaler moves the count between
+        ``min_instances`` and N, starting from ``instances`` (default: ``min_instances``).
+    :param min_instances: the fewest instances the autoscaler leaves (default 1).
+    :param max_instances: the same as ``autoscale``.
     :param restarts: how many times a worker that dies (killed, crashed) is replaced before the
         pipe fails. A worker that raises is never restarted: the pipe fails with its traceback.
     :param queue_size: the input queue's ``maxsize`` (frames).
@@ -194,6 +211,8 @@ class Processor:
         *,
         instances: int | None = None,
         autoscale: int | None = None,
+        min_instances: int | None = None,
+        max_instances: int | None = None,
         restarts: int = DEFAULT_RESTARTS,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         max_bytes: int | None = None,
@@ -211,13 +230,26 @@ class Processor:
             _check_func(name, func)
         if entry is not None and not isinstance(entry, (str, os.PathLike)):
             raise TypeError(f"Processor {name!r}: entry must be a path, got {entry!r}")
-        for label, value in (("instances", instances), ("autoscale", autoscale)):
+        for label, value in (("instances", instances), ("autoscale", autoscale),
+                             ("min_instances", min_instances), ("max_instances", max_instances)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"Processor {name!r}: {label} must be an int >= 1, got {value!r}")
-        if instances is not None and autoscale is not None and instances > autoscale:
-            raise ValueError(f"Processor {name!r}: instances={instances} is more than "
-                             f"autoscale={autoscale} (the most instances it may run)")
+        if autoscale is not None and max_instances is not None and autoscale != max_instances:
+            raise ValueError(f"Processor {name!r}: autoscale={autoscale} and max_instances="
+                             f"{max_instances} disagree (they are the same setting)")
+        top = autoscale or max_instances
+        low = min_instances or 1
+        if top is not None and low > top:
+            raise ValueError(f"Processor {name!r}: min_instances={low} is more than "
+                             f"autoscale/max_instances={top}")
+        if top is None and min_instances is not None and instances is not None \
+                and instances < min_instances:
+            raise ValueError(f"Processor {name!r}: instances={instances} is fewer than "
+                             f"min_instances={min_instances}")
+        if top is not None and instances is not None and not low <= instances <= top:
+            raise ValueError(f"Processor {name!r}: instances={instances} is outside "
+                             f"{low}..{top} (min_instances..autoscale)")
         if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
             raise ValueError(f"Processor {name!r}: restarts must be an int >= 0, got {restarts!r}")
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
@@ -227,8 +259,13 @@ class Processor:
         self.func = func
         self.entry = None if entry is None else os.fspath(entry)
         self.config = {} if config is None else config
-        self.instances = instances or autoscale or 1
-        self.max_instances = autoscale or self.instances
+        if top is None:  # a fixed count
+            self.instances = instances or low
+            self.min_instances = self.max_instances = self.instances
+        else:
+            self.instances = instances or low
+            self.min_instances, self.max_instances = low, top
+        self.autoscaled = self.max_instances > self.min_instances
         self.restarts = restarts
         self.queue_options: dict[str, Any] = {"maxsize": queue_size}
         if max_bytes is not None:
@@ -247,6 +284,7 @@ class Processor:
         self._waiting_to_emit = False
         self._reads = False  # it has asked for input: it ends with its input, not at an emit
         self._ended = False
+        self._retired = False  # took a Retire: its input has ended for it alone
         # This worker's row of counters in the pipe's stats block (a list until joined).
         self._st: Any = [0] * stats.ROW_WORDS
         self._stats: stats.StatsBlock | None = None
@@ -405,6 +443,8 @@ class Processor:
     async def get(self) -> Any:
         """The next frame, or None at once if there is none (or the input has ended)."""
         q = self._source()
+        if self._retired:
+            return None
         try:
             data = q._try_get()  # no exception for "nothing yet": this is the common case
         except Closed:
@@ -412,6 +452,8 @@ class Processor:
             return None
         if data is _NOTHING:
             return None
+        if data.__class__ is Retire:
+            return self._retire()
         self._st[stats.FRAMES_IN] += 1
         return data
 
@@ -424,40 +466,74 @@ class Processor:
         :raises TimeoutError: no frame within ``timeout`` seconds.
         """
         q = self._source()
+        if self._retired:
+            return None
         try:
             data = q._try_get()
             if data is _NOTHING:
-                t0 = time.perf_counter_ns()
+                t0 = self._wait_begins(stats.GET_WAIT)
                 try:
                     data = await q.get_async(timeout)
                 finally:
-                    self._st[stats.GET_WAIT] += time.perf_counter_ns() - t0
+                    self._wait_ends(stats.GET_WAIT, t0)
         except Empty:
             raise TimeoutError(f"processor {self.name!r}: no frame within {timeout} s") from None
         except Closed:
             self._ended = True
             return None
+        if data.__class__ is Retire:
+            return self._retire()
         self._st[stats.FRAMES_IN] += 1
         return data
 
     def get_blocking(self, timeout: float | None = None) -> Any:
         """:meth:`get_sync` for plain code: waits; None at the end of the stream."""
         q = self._source()
+        if self._retired:
+            return None
         try:
             data = q._try_get()
             if data is _NOTHING:
-                t0 = time.perf_counter_ns()
+                t0 = self._wait_begins(stats.GET_WAIT)
                 try:
                     data = q.get(True, timeout)
                 finally:
-                    self._st[stats.GET_WAIT] += time.perf_counter_ns() - t0
+                    self._wait_ends(stats.GET_WAIT, t0)
         except Empty:
             raise TimeoutError(f"processor {self.name!r}: no frame within {timeout} s") from None
         except Closed:
             self._ended = True
             return None
+        if data.__class__ is Retire:
+            return self._retire()
         self._st[stats.FRAMES_IN] += 1
         return data
+
+    def _wait_begins(self, kind: int) -> int:
+        """Publish that a wait began (readers count it while it lasts); its start time."""
+        st = self._st
+        t0 = time.monotonic_ns()
+        st[stats.WAIT_KIND] = kind
+        st[stats.WAIT_SINCE] = t0
+        return t0
+
+    def _wait_ends(self, kind: int, t0: int) -> None:
+        st = self._st
+        st[stats.WAIT_SINCE] = 0  # first: a reader may miss this wait for an instant, never
+        st[kind] += time.monotonic_ns() - t0  # count it twice
+
+    def _retire(self) -> None:
+        """This instance is scaled down: its input ends here (the end of the stream for it),
+        so its code finishes as at the real end, and the pipe knows not to restart it."""
+        self._retired = self._ended = True
+        sock = self._ctrl
+        if sock is not None:
+            try:
+                with self._ctrl_lock:
+                    control.send_msg(sock, {"retired": True})
+            except OSError:
+                pass
+        return None
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._aiter()
@@ -522,20 +598,20 @@ class Processor:
                 q.put(data, False)  # the common case: room, no wait
             except Full:
                 self._waiting_to_emit = True
-                t0 = time.perf_counter_ns()
+                t0 = self._wait_begins(stats.EMIT_WAIT)
                 try:
                     await q.put_async(data, timeout)
                 finally:
                     self._waiting_to_emit = False
-                    st[stats.EMIT_WAIT] += time.perf_counter_ns() - t0
+                    self._wait_ends(stats.EMIT_WAIT, t0)
         else:
             self._waiting_to_emit = True
-            t0 = time.perf_counter_ns()
+            t0 = self._wait_begins(stats.EMIT_WAIT)
             try:
                 await self._fan_out(data, outs, timeout)
             finally:
                 self._waiting_to_emit = False
-                st[stats.EMIT_WAIT] += time.perf_counter_ns() - t0
+                self._wait_ends(stats.EMIT_WAIT, t0)
         st[stats.FRAMES_OUT] += 1
         st[stats.BYTES_OUT] += size
 
@@ -558,14 +634,14 @@ class Processor:
             outs[0].put(data, False)  # the common case: room, no wait
         except Full:
             self._waiting_to_emit = True
-            t0 = time.perf_counter_ns()
+            t0 = self._wait_begins(stats.EMIT_WAIT)
             try:
                 for q in outs[1:]:
                     q.put(data, True, timeout)
                 outs[0].put(data, True, timeout)
             finally:
                 self._waiting_to_emit = False
-                st[stats.EMIT_WAIT] += time.perf_counter_ns() - t0
+                self._wait_ends(stats.EMIT_WAIT, t0)
         st[stats.FRAMES_OUT] += 1
         st[stats.BYTES_OUT] += size
 

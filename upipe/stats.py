@@ -16,7 +16,12 @@ word  name              written by
 7     get_wait_ns       the worker: time spent waiting for input (starved)
 8     emit_wait_ns      the worker: time spent waiting for room downstream (back-pressure)
 9     started_ns        the pipe: CLOCK_MONOTONIC when the worker started
+10    wait_since_ns     the worker: CLOCK_MONOTONIC when its current wait began, 0 if none
+11    wait_kind         the worker: GET_WAIT or EMIT_WAIT (the word the wait will add to)
 ====  ================  =======================================================
+
+A wait is added to its counter when it ends; readers add a wait still in progress themselves
+(``read(index, now_ns)``), so a worker blocked for a whole second shows a second of waiting.
 
 Words are read without locks: a reader may see a count one frame old, never a torn value
 (aligned 8-byte stores and loads are single instructions on the platforms upipe runs on).
@@ -31,9 +36,9 @@ from typing import Any
 ROW_BYTES = 128
 ROW_WORDS = ROW_BYTES // 8
 FIELDS = ("pid", "node", "instance", "state", "frames_in", "frames_out", "bytes_out",
-          "get_wait_ns", "emit_wait_ns", "started_ns")
-PID, NODE, INSTANCE, STATE, FRAMES_IN, FRAMES_OUT, BYTES_OUT, GET_WAIT, EMIT_WAIT, STARTED = (
-    range(len(FIELDS)))
+          "get_wait_ns", "emit_wait_ns", "started_ns", "wait_since_ns", "wait_kind")
+(PID, NODE, INSTANCE, STATE, FRAMES_IN, FRAMES_OUT, BYTES_OUT, GET_WAIT, EMIT_WAIT, STARTED,
+ WAIT_SINCE, WAIT_KIND) = range(len(FIELDS))
 FREE, STARTING, RUNNING, RETIRING, EXITED = range(5)
 
 
@@ -68,10 +73,16 @@ class StatsBlock:
             raise IndexError(f"stats row {index} out of range (0..{self.rows - 1})")
         return self.words[index * ROW_WORDS:(index + 1) * ROW_WORDS]
 
-    def read(self, index: int) -> dict[str, int]:
+    def read(self, index: int, now_ns: int = 0) -> dict[str, int]:
+        """A row's words by name; with ``now_ns`` (CLOCK_MONOTONIC), a wait in progress is
+        counted up to now."""
         base = index * ROW_WORDS
         w = self.words
-        return {name: int(w[base + i]) for i, name in enumerate(FIELDS)}
+        row = {name: int(w[base + i]) for i, name in enumerate(FIELDS)}
+        since, kind = row["wait_since_ns"], row["wait_kind"]
+        if now_ns and since and now_ns > since and kind in (GET_WAIT, EMIT_WAIT):
+            row[FIELDS[kind]] += now_ns - since
+        return row
 
     def claim(self, pid: int, node: int, instance: int, started_ns: int) -> int:
         """Give a free (or exited) row to a new worker: its index. Pipe only."""
