@@ -539,11 +539,29 @@ class Processor:
         return self._aiter()
 
     async def _aiter(self) -> AsyncIterator[Any]:
+        q = self._source()
+        st = self._st
         while True:
-            data = await self.get_sync()
-            if data is None and self._ended:
+            # The next frame without an await when one is there (most of the time under load);
+            # else get_sync's wait.
+            data = _NOTHING
+            if not self._retired:
+                try:
+                    data = q._try_get()
+                except Closed:
+                    self._ended = True
+                    return
+            if data is _NOTHING:
+                data = await self.get_sync()
+                if data is None and self._ended:
+                    return
+            elif data.__class__ is Retire:
+                self._retire()
                 return
+            else:
+                st[stats.FRAMES_IN] += 1
             yield data
+            data = None  # ours no more: a zero-copy frame's chunk can go back while we wait
 
     def __iter__(self) -> Iterator[Any]:
         while True:
@@ -589,6 +607,17 @@ class Processor:
 
         :raises upipe.Full: still no room after ``timeout`` seconds.
         """
+        outs = self._outputs
+        if data.__class__ is bytes and len(outs) == 1 and not self._stopping:
+            # The common case, small bytes with room downstream: the queue's own fast path
+            # (one C call), nothing else.
+            q = outs[0]
+            n = len(data)
+            if n <= q._inline_max and q._put_b(data, n) == 0:
+                st = self._st
+                st[stats.FRAMES_OUT] += 1
+                st[stats.BYTES_OUT] += n
+                return
         outs = self._targets(data)
         size = _payload_size(data)
         st = self._st
