@@ -174,3 +174,26 @@ def test_two_loops_in_two_threads_share_a_queue() -> None:
     for t in threads:
         t.join(10)
     assert sorted(results[0] + results[1]) == list(range(2000))
+
+
+def test_a_finished_wait_keeps_no_queue_alive(no_leaks: None) -> None:
+    # Regression: the per-loop dispatcher registry kept every segment an event loop had ever
+    # waited on (its memfd and eventfds) for the life of the process.
+    import gc
+    import weakref
+
+    async def main(q: Queue) -> None:
+        with pytest.raises(Empty):
+            await q.get_async(timeout=0.02)
+        task = asyncio.ensure_future(q.get_async())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    q = Queue(maxsize=4)
+    run(main(q))
+    seg = weakref.ref(q._seg)
+    del q
+    gc.collect()
+    assert seg() is None

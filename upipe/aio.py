@@ -67,6 +67,12 @@ class _Dispatcher:
             self.conditions[key] = count
         if not self.futures:
             self.loop.remove_reader(self.fd)
+            # Idle, it holds no state: leave the registry, which would otherwise keep it (and
+            # its segment) alive as long as the loop, and the loop as long as itself (the value
+            # of a WeakKeyDictionary entry referencing its own key).
+            per_loop = _dispatchers.get(self.loop)
+            if per_loop is not None and per_loop.get((id(self.seg), self.fd)) is self:
+                del per_loop[(id(self.seg), self.fd)]
 
     def _on_readable(self) -> None:
         try:
