@@ -14,6 +14,11 @@
  * - A producer writes the slot, then stamp = pos (R2), then for a chunk owner = QUEUED/FREE, then
  *   seq = pos + 1 (R0). A slot whose stamp is its position is complete, so recovery publishes it
  *   (the put happened); otherwise it becomes a tombstone and the chunk stays with the dead actor.
+ * - A take (at-least-once) is a get whose slot is not released until the ack: the item stays
+ *   intact in its slot, named by the taker's journal (HOLD) for as long as it is unacked. If
+ *   the taker dies (or detaches, or nacks), the item is moved to a fresh position of the same
+ *   ring (REDELIVER, see redeliver()), so another consumer gets it. A held chunk is flagged
+ *   HELD: the taker may read it, but not free or put it, until the ack.
  */
 #define _GNU_SOURCE
 #include "upipe.h"
@@ -55,10 +60,24 @@ struct upipe_handle {
     _Atomic int64_t last_busy_recover_ns;
     int64_t spin_ns;
     int detached; /* upipe_detach_now ran: the table entry is no longer ours */
+    /* Takes this process holds: hold_tok[i] is the receipt of the take journal entry i holds
+     * (0: none). A receipt is (serial << 6) | i with a serial never reused by this handle, so
+     * a receipt acked twice, or after its entry was reused, is refused (-ENOENT). */
+    _Atomic uint64_t hold_tok[UPIPE_RECS_PER_ACTOR];
+    _Atomic uintptr_t hold_thread[UPIPE_RECS_PER_ACTOR]; /* the taker (this_thread()) */
+    _Atomic uint64_t hold_serial;
+    _Atomic uint32_t nholds; /* holds plus takes in progress, at most UPIPE_MAX_HOLDS */
 };
 
 /* ------------------------------------------------------------------------------------------ */
 /* small helpers                                                                              */
+
+/* An identity for the calling thread, without a syscall: the address of a thread-local. */
+static uintptr_t this_thread(void)
+{
+    static _Thread_local char mark;
+    return (uintptr_t)&mark;
+}
 
 static inline struct upipe_ring *ring_at(upipe_handle *h, uint32_t i)
 {
@@ -159,6 +178,15 @@ static void ec_signal(upipe_handle *h, struct upipe_ec *ec)
     }
 }
 
+/* A consumer let go of a slot. On a closed ring that may be what a consumer waiting for the
+ * drain (cond_ready: no other claimed slot) waits for: ring not_empty too. */
+static void released_signal(upipe_handle *h, struct upipe_ring *r)
+{
+    ec_signal(h, &r->not_full);
+    if (UPIPE_LOAD_SEQCST(&r->closed))
+        ec_signal(h, &r->not_empty);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* process liveness                                                                           */
 
@@ -217,6 +245,8 @@ int upipe_pid_alive(uint32_t pid, uint64_t starttime)
 static int actor_alive(struct upipe_actor *a)
 {
     uint32_t pid = UPIPE_LOAD_ACQUIRE(&a->pid);
+    if (pid == UPIPE_PID_ABANDONED)
+        return 0; /* its process left holding takes: recovery finishes them */
     return upipe_pid_alive(pid, UPIPE_LOAD_ACQUIRE(&a->starttime));
 }
 
@@ -514,18 +544,34 @@ void upipe_handle_ref(upipe_handle *h)
 }
 
 static int free_chunk_from(upipe_handle *h, uint32_t c, uint32_t expected_owner);
+static int give_back_all(upipe_handle *h);
+
+/* Hand back every chunk this process holds, except those an unacked take still names. */
+static int free_own_chunks(upipe_handle *h)
+{
+    int freed = 0;
+    for (uint32_t c = 0; c < h->hdr->total_chunks; c++) {
+        struct upipe_chunk *ch = chunk_hdr(h, c);
+        if (UPIPE_LOAD_RELAXED(&ch->owner) == h->tag &&
+            !(UPIPE_LOAD_ACQUIRE(&ch->flags) & UPIPE_CHUNK_HELD))
+            freed += free_chunk_from(h, c, h->tag) == 0;
+    }
+    return freed;
+}
 
 void upipe_handle_unref(upipe_handle *h)
 {
     if (atomic_fetch_sub_explicit(&h->refs, 1, memory_order_acq_rel) != 1)
         return;
-    /* Last reference in this process: no lease, no view, no operation is left. Hand back any
-     * chunk still held (a buffer from alloc() that was never put) and leave the table. */
+    /* Last reference in this process: no lease, no view, no operation is left. Give back the
+     * takes never acked (redelivered, as after a crash), hand back any chunk still held (a
+     * buffer from alloc() that was never put) and leave the table. A take that cannot be given
+     * back yet (its ring is full of other items) leaves the entry ABANDONED: recovery, in any
+     * process, finishes it once the ring has moved. */
     if (h->actor && !h->detached) {
-        for (uint32_t c = 0; c < h->hdr->total_chunks; c++)
-            if (UPIPE_LOAD_RELAXED(&chunk_hdr(h, c)->owner) == h->tag)
-                free_chunk_from(h, c, h->tag);
-        UPIPE_STORE_RELEASE(&h->actor->pid, 0);
+        int pending = give_back_all(h);
+        free_own_chunks(h);
+        UPIPE_STORE_RELEASE(&h->actor->pid, pending ? UPIPE_PID_ABANDONED : 0);
     }
     handle_destroy(h);
 }
@@ -533,16 +579,16 @@ void upipe_handle_unref(upipe_handle *h)
 int upipe_detach_now(upipe_handle *h)
 {
     /* The process is exiting without running finalizers (os._exit in multiprocessing children):
-     * give back what it holds and leave the table now, so this is not mistaken for a crash.
-     * Lease destructors that still run later find their chunks freed (-EPERM) and do nothing. */
+     * give back its unacked takes and what it holds, and leave the table now, so this is not
+     * mistaken for a crash. Lease destructors that still run later find their chunks freed
+     * (-EPERM) and do nothing. */
     if (!h->actor || h->detached)
         return 0;
-    int freed = 0;
-    for (uint32_t c = 0; c < h->hdr->total_chunks; c++)
-        if (UPIPE_LOAD_RELAXED(&chunk_hdr(h, c)->owner) == h->tag)
-            freed += free_chunk_from(h, c, h->tag) == 0;
-    if (UPIPE_LOAD_ACQUIRE(&h->recs_busy) != 0)
-        return freed; /* another thread is mid-operation: leave the entry to recovery */
+    int pending = give_back_all(h);
+    int freed = free_own_chunks(h);
+    if (pending || UPIPE_LOAD_ACQUIRE(&h->recs_busy) != 0)
+        return freed; /* a take it could not give back, or another thread is mid-operation:
+                       * leave the entry to recovery, which runs once this process is gone */
     h->detached = 1;
     UPIPE_STORE_RELEASE(&h->actor->pid, 0);
     return freed;
@@ -654,6 +700,16 @@ int upipe_free(upipe_handle *h, uint32_t chunk)
 {
     if (chunk >= h->hdr->total_chunks)
         return -EINVAL;
+    struct upipe_chunk *ch = chunk_hdr(h, chunk);
+    if (UPIPE_LOAD_ACQUIRE(&ch->owner) != h->tag)
+        return -EPERM;
+    /* One RMW decides between this free and an ack in another thread (which clears HELD with
+     * one RMW too): whichever comes second returns the chunk, exactly once. */
+    uint32_t old = atomic_fetch_or_explicit(&ch->flags, UPIPE_CHUNK_DROPPED, memory_order_acq_rel);
+    if (old & UPIPE_CHUNK_DROPPED)
+        return -EPERM; /* let go of already (its ack returns it) */
+    if (old & UPIPE_CHUNK_HELD)
+        return 0; /* an unacked take names it: the ack frees it */
     return free_chunk_from(h, chunk, h->tag);
 }
 
@@ -802,6 +858,8 @@ int64_t upipe_put_chunk(upipe_handle *h, uint32_t ring, uint32_t chunk, uint32_t
     struct upipe_chunk *ch = chunk_hdr(h, chunk);
     if (UPIPE_LOAD_ACQUIRE(&ch->owner) != h->tag)
         return -EPERM;
+    if (UPIPE_LOAD_ACQUIRE(&ch->flags) & UPIPE_CHUNK_HELD)
+        return -EBUSY; /* an unacked take's slot still names it (HELD is only ever cleared) */
     if (UPIPE_LOAD_ACQUIRE(&r->closed))
         return -EPIPE;
     struct upipe_rec *rec = rec_get(h, UPIPE_OP_PUT, ring);
@@ -841,14 +899,60 @@ static void maybe_recover_busy(upipe_handle *h)
     upipe_recover(h);
 }
 
-/* Result for an empty claim: closed-and-drained, a producer mid-write, or plain empty. */
-static int64_t empty_result(upipe_handle *h, int closed_before, int busy)
+/*
+ * Claimed-but-unreleased slots of data ring r (takes not acked yet, gets in progress) other than
+ * the calling thread's own takes: items that may still come back into the ring, if their holder
+ * dies or gives them back. (Another thread of this process may give its take back; the caller
+ * cannot be waiting for its own.) O(capacity): only asked of a ring that is closed and empty.
+ */
+static int others_hold(upipe_handle *h, struct upipe_ring *r)
+{
+    uint64_t t = UPIPE_LOAD_SEQCST(&r->tail);
+    uint64_t held = 0;
+    for (uint64_t i = 0; i < r->capacity; i++) {
+        uint64_t pos = UPIPE_LOAD_SEQCST(&upipe_ring_slot(r, i)->seq) - 1;
+        if ((pos & r->mask) == i && (int64_t)(pos - t) < 0)
+            held++; /* published at pos, and pos is behind tail: claimed, not released */
+    }
+    if (held == 0 || !h->actor)
+        return held != 0;
+    uintptr_t me = this_thread();
+    for (uint32_t j = 0; j < UPIPE_RECS_PER_ACTOR && held; j++) {
+        if (UPIPE_LOAD_ACQUIRE(&h->hold_tok[j]) == 0 ||
+            UPIPE_LOAD_RELAXED(&h->hold_thread[j]) != me)
+            continue;
+        struct upipe_rec *rec = &h->actor->recs[j];
+        uint64_t q = UPIPE_LOAD_RELAXED(&rec->pos);
+        if (UPIPE_LOAD_RELAXED(&rec->ring) == r->index &&
+            UPIPE_LOAD_SEQCST(&upipe_ring_slot(r, q)->seq) == q + 1)
+            held--; /* this thread's own: it comes back only if we give it back */
+    }
+    return held != 0;
+}
+
+/*
+ * Result for an empty claim: a producer mid-write, plain empty, or closed and empty, which is
+ * "drained for good" (-EPIPE) only if no item can still come back: no other consumer holds an
+ * unacked take, and none came back while we looked. mark is r->redelivered read (with closed)
+ * before the claim; D0: every move bumps it before it releases the item's old slot (or, in
+ * place, publishes it), so a scan that saw the slot change also sees the new count.
+ */
+static int64_t empty_result(upipe_handle *h, struct upipe_ring *r, int closed_before, int busy,
+                            uint64_t mark)
 {
     if (busy) {
         maybe_recover_busy(h); /* a writer that has been mid-write this long may be dead */
         return -EAGAIN;
     }
-    return closed_before ? -EPIPE : -ENOENT;
+    if (!closed_before)
+        return -ENOENT;
+    if (others_hold(h, r)) {
+        maybe_recover_busy(h); /* a holder may be dead: its items come back through recovery */
+        return -EAGAIN;
+    }
+    if (UPIPE_LOAD_SEQCST(&r->redelivered) != mark)
+        return -EAGAIN; /* an item came back meanwhile: look again */
+    return -EPIPE;
 }
 
 int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
@@ -862,19 +966,21 @@ int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
     struct upipe_rec *rec = rec_get(h, UPIPE_OP_TAKE, ring);
     for (;;) {
         /* closed is read before the claim: closed and then empty means drained for good, as
-         * every put re-checks closed after its claim (tombstoning a late one). */
+         * every put re-checks closed after its claim (tombstoning a late one), unless a held
+         * item comes back (empty_result). */
         int closed = UPIPE_LOAD_SEQCST(&r->closed) != 0;
+        uint64_t mark = closed ? UPIPE_LOAD_SEQCST(&r->redelivered) : 0;
         uint64_t p;
         int busy;
         if (upipe_ring_claim_cons(r, 1, UPIPE_RING_BULK, rec, &p, &busy) == 0) {
             rec_put(h, rec);
-            return empty_result(h, closed, busy);
+            return empty_result(h, r, closed, busy, mark);
         }
         struct upipe_slot *s = upipe_ring_slot(r, p);
         if (s->kind == UPIPE_KIND_TOMBSTONE) {
             upipe_ring_release(r, p);
             UPIPE_FETCH_ADD_RELAXED(&r->tombstones_skipped, 1);
-            ec_signal(h, &r->not_full);
+            released_signal(h, r);
             continue;
         }
         uint32_t len = s->len, meta_len = s->meta_len;
@@ -893,7 +999,7 @@ int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
         }
         upipe_ring_release(r, p);
         rec_put(h, rec);
-        ec_signal(h, &r->not_full);
+        released_signal(h, r);
         return (int64_t)(((uint64_t)kind << 48) | ((uint64_t)meta_len << 32) | len);
     }
 }
@@ -940,6 +1046,7 @@ int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
     struct upipe_rec *rec = rec_get(h, UPIPE_OP_TAKE, ring);
     for (;;) {
         int closed = UPIPE_LOAD_SEQCST(&r->closed) != 0;
+        uint64_t mark = closed ? UPIPE_LOAD_SEQCST(&r->redelivered) : 0;
         /* Count the run of published plain items of this kind (A0 on each seq), then claim it. */
         uint64_t t = UPIPE_LOAD_RELAXED(&r->tail);
         uint32_t k = 0;
@@ -970,7 +1077,7 @@ int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
             if (other)
                 return -EBADMSG;
             int busy = UPIPE_LOAD_ACQUIRE(&r->head) > t;
-            return empty_result(h, closed, busy);
+            return empty_result(h, r, closed, busy, mark);
         }
         UPIPE_STORE_RELAXED(&rec->pos, t);
         UPIPE_STORE_RELAXED(&rec->n, k);
@@ -990,11 +1097,293 @@ int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
             upipe_ring_release(r, t + i);
         }
         rec_put(h, rec);
-        ec_signal(h, &r->not_full);
+        released_signal(h, r);
         if (got)
             return got;
         rec = rec_get(h, UPIPE_OP_TAKE, ring); /* a run of tombstones only: look again */
     }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* take, ack, and moving a held item back into its ring                                       */
+
+int64_t upipe_take(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
+                   uint32_t *chunk_out, uint64_t *receipt_out)
+{
+    if (bad_data_ring(h, ring))
+        return -EINVAL;
+    struct upipe_ring *r = ring_at(h, ring);
+    if (outcap < r->inline_max)
+        return -EINVAL;
+    if (atomic_fetch_add_explicit(&h->nholds, 1, memory_order_relaxed) >= UPIPE_MAX_HOLDS) {
+        atomic_fetch_sub_explicit(&h->nholds, 1, memory_order_relaxed);
+        return -EDQUOT;
+    }
+    /* HOLD from the start: once the claim succeeds, a death at any later instruction leaves a
+     * journal entry that makes recovery redeliver the item (never count it lost). */
+    struct upipe_rec *rec = rec_get(h, UPIPE_OP_HOLD, ring);
+    for (;;) {
+        int closed = UPIPE_LOAD_SEQCST(&r->closed) != 0;
+        uint64_t mark = closed ? UPIPE_LOAD_SEQCST(&r->redelivered) : 0;
+        uint64_t p;
+        int busy;
+        if (upipe_ring_claim_cons(r, 1, UPIPE_RING_BULK, rec, &p, &busy) == 0) {
+            rec_put(h, rec);
+            atomic_fetch_sub_explicit(&h->nholds, 1, memory_order_relaxed);
+            return empty_result(h, r, closed, busy, mark);
+        }
+        struct upipe_slot *s = upipe_ring_slot(r, p);
+        if (s->kind == UPIPE_KIND_TOMBSTONE) {
+            upipe_ring_release(r, p);
+            UPIPE_FETCH_ADD_RELAXED(&r->tombstones_skipped, 1);
+            released_signal(h, r);
+            continue;
+        }
+        uint32_t len = s->len, meta_len = s->meta_len;
+        uint16_t kind = s->kind;
+        uint64_t desc = s->desc;
+        if (desc == UPIPE_DESC_INLINE) {
+            memcpy(out, s->data, (size_t)meta_len + len);
+            *chunk_out = UINT32_MAX;
+        } else {
+            uint32_t c = (uint32_t)(desc - 1);
+            if (meta_len)
+                memcpy(out, s->data, meta_len);
+            /* The slot keeps naming the chunk until the ack: HELD keeps it out of free/put. */
+            UPIPE_STORE_RELAXED(&chunk_hdr(h, c)->flags, UPIPE_CHUNK_RECEIVED | UPIPE_CHUNK_HELD);
+            UPIPE_STORE_RELEASE(&chunk_hdr(h, c)->owner, h->tag);
+            *chunk_out = c;
+        }
+        /* No release, no rec_put: the slot and the journal entry stay ours until the ack. */
+        uint32_t idx = (uint32_t)(rec - h->actor->recs);
+        uint64_t serial = atomic_fetch_add_explicit(&h->hold_serial, 1, memory_order_relaxed) + 1;
+        uint64_t receipt = (serial << 6) | idx;
+        UPIPE_STORE_RELAXED(&h->hold_thread[idx], this_thread());
+        UPIPE_STORE_RELEASE(&h->hold_tok[idx], receipt);
+        *receipt_out = receipt;
+        return (int64_t)(((uint64_t)kind << 48) | ((uint64_t)meta_len << 32) | len);
+    }
+}
+
+/* Claim the hold a receipt names (one thread wins); its journal entry, or NULL. */
+static struct upipe_rec *hold_claim(upipe_handle *h, uint64_t receipt)
+{
+    uint32_t idx = (uint32_t)(receipt & (UPIPE_RECS_PER_ACTOR - 1));
+    uint64_t expected = receipt;
+    if (receipt == 0 || !h->actor ||
+        !atomic_compare_exchange_strong_explicit(&h->hold_tok[idx], &expected, 0,
+                                                 memory_order_acq_rel, memory_order_relaxed))
+        return NULL;
+    return &h->actor->recs[idx];
+}
+
+static void hold_done(upipe_handle *h, struct upipe_rec *rec)
+{
+    rec_put(h, rec);
+    atomic_fetch_sub_explicit(&h->nholds, 1, memory_order_relaxed);
+}
+
+int upipe_ack(upipe_handle *h, uint64_t receipt)
+{
+    struct upipe_rec *rec = hold_claim(h, receipt);
+    if (!rec)
+        return -ENOENT;
+    uint32_t ri = UPIPE_LOAD_RELAXED(&rec->ring);
+    uint64_t q = UPIPE_LOAD_RELAXED(&rec->pos);
+    struct upipe_ring *r = ring_at(h, ri);
+    struct upipe_slot *s = upipe_ring_slot(r, q);
+    uint64_t desc = UPIPE_SLOT_PEEK(s, desc); /* read before the slot is let go */
+    uint64_t held = q + 1;
+    /* R1, as a CAS: should recovery ever have moved the item away (it judged us dead), the
+     * slot is not ours to release any more. */
+    int ok = UPIPE_CAS(&s->seq, &held, q + r->capacity);
+    if (ok && desc != UPIPE_DESC_INLINE && desc - 1 < h->hdr->total_chunks) {
+        uint32_t c = (uint32_t)(desc - 1);
+        struct upipe_chunk *ch = chunk_hdr(h, c);
+        if (UPIPE_LOAD_ACQUIRE(&ch->owner) == h->tag) {
+            /* Ours alone from now on. Acked, so no longer an item a death would lose. */
+            uint32_t old = atomic_fetch_and_explicit(
+                &ch->flags, ~(UPIPE_CHUNK_HELD | UPIPE_CHUNK_RECEIVED), memory_order_acq_rel);
+            if (old & UPIPE_CHUNK_DROPPED)
+                free_chunk_from(h, c, h->tag); /* its views were dropped before the ack */
+        }
+    }
+    hold_done(h, rec);
+    released_signal(h, r);
+    return ok ? 0 : -ESTALE;
+}
+
+/*
+ * Moving a held item (position q, claimed, never released) back into its ring, for another
+ * consumer: recovery does it for a dead taker, give_back() for a live one (nack, detach). The
+ * caller makes sure nobody else touches q meanwhile: its taker is dead (and recovery is
+ * serialized by the recovery lock), or is the caller.
+ *
+ * Fast path: claim a fresh position p at head, like a put (journal REDELIVER, pos p, src q),
+ * copy the slot (header, meta, inline payload or chunk descriptor), stamp p (R2: the commit
+ * point), publish p (R0), then release q (R1). Steps, for the cut points of the crash tests:
+ *   0 claimed    1 marked (src |= CLAIMED)    2 copied    3 stamped    4 published
+ * After a death at any step, recovery (repair_redeliver, pass 1, before any HOLD is looked at)
+ * either finishes the move (p stamped by us: publish p, release q) or undoes it (tombstone p;
+ * q stays held and is moved again by pass 2): the item is in the ring exactly once.
+ *
+ * No free position because the producers' next position IS the held slot (the ring wrapped
+ * round to it; head == q + capacity): waiting for room would wait forever, and releasing q
+ * first would leave the item nowhere. So the held slot becomes position q + capacity in place:
+ * CAS head q + capacity -> + 1 (nobody else can: claim_prod needs seq == head there, and it
+ * is q + 1), stamp, publish. Steps: 0 journaled, 1 head claimed, 2 stamped, 3 published.
+ *
+ * Otherwise the ring is full of other items: MOVE_NO_ROOM, the item stays held and is moved
+ * later (recovery retries every 100 ms slice, and a producer that waits on this ring runs it).
+ */
+enum { MOVE_DONE = 0, MOVE_NO_ROOM = 1, MOVE_CUT = 2 };
+#define NO_CUT (-1)
+/* Tests only (upipe_debug_abandon): stop after step k, leaving everything as a SIGKILL would. */
+#define CUT(k)                                                                                     \
+    do {                                                                                           \
+        if (cut == (k))                                                                            \
+            return MOVE_CUT;                                                                       \
+    } while (0)
+
+/* A slot now holds the chunk its descriptor names (it is about to be published). */
+static void chunk_requeue(upipe_handle *h, struct upipe_slot *s)
+{
+    uint64_t desc = UPIPE_SLOT_PEEK(s, desc);
+    if (desc == UPIPE_DESC_INLINE || UPIPE_SLOT_PEEK(s, kind) == UPIPE_KIND_TOMBSTONE ||
+        desc - 1 >= h->hdr->total_chunks)
+        return;
+    struct upipe_chunk *ch = chunk_hdr(h, (uint32_t)(desc - 1));
+    UPIPE_STORE_RELAXED(&ch->flags, 0);
+    UPIPE_STORE_RELEASE(&ch->owner, UPIPE_OWNER_QUEUED);
+}
+
+static void copy_slot(struct upipe_ring *r, struct upipe_slot *dst, struct upipe_slot *src)
+{
+    uint64_t desc = UPIPE_SLOT_PEEK(src, desc);
+    uint16_t meta_len = UPIPE_SLOT_PEEK(src, meta_len);
+    uint32_t len = src->len;
+    UPIPE_SLOT_SET(dst, desc, desc);
+    dst->len = len;
+    UPIPE_SLOT_SET(dst, kind, UPIPE_SLOT_PEEK(src, kind));
+    UPIPE_SLOT_SET(dst, meta_len, meta_len);
+    uint64_t n = (uint64_t)meta_len + (desc == UPIPE_DESC_INLINE ? len : 0);
+    memcpy(dst->data, src->data, n < r->inline_max ? n : r->inline_max);
+}
+
+/* Let go of the moved item's old slot, if it still holds it. */
+static void move_release_old(upipe_handle *h, struct upipe_ring *r, uint64_t q)
+{
+    struct upipe_slot *old = upipe_ring_slot(r, q);
+    if (UPIPE_LOAD_SEQCST(&old->seq) != q + 1)
+        return;
+    UPIPE_FETCH_ADD(&r->redelivered, 1);             /* D0: before the old slot goes */
+    UPIPE_STORE_RELEASE(&old->seq, q + r->capacity); /* R1 */
+    released_signal(h, r);
+}
+
+/* Fast path, from "p stamped" on. */
+static int move_finish(upipe_handle *h, struct upipe_ring *r, uint64_t p, uint64_t q, int cut)
+{
+    struct upipe_slot *s = upipe_ring_slot(r, p);
+    chunk_requeue(h, s);
+    UPIPE_STORE_RELEASE(&s->seq, p + 1); /* R0 */
+    ec_signal(h, &r->not_empty);
+    CUT(4);
+    move_release_old(h, r, q);
+    return MOVE_DONE;
+}
+
+/* In place, from "head claimed" on: the held slot of q is published as position q + capacity. */
+static int move_in_place(upipe_handle *h, struct upipe_ring *r, uint64_t q, int cut)
+{
+    uint64_t p = q + r->capacity;
+    struct upipe_slot *s = upipe_ring_slot(r, q);
+    UPIPE_STORE_RELEASE(&s->stamp, p); /* R2 */
+    CUT(2);
+    chunk_requeue(h, s);
+    UPIPE_FETCH_ADD(&r->redelivered, 1); /* D0: before the publish */
+    UPIPE_STORE_RELEASE(&s->seq, p + 1); /* R0 */
+    ec_signal(h, &r->not_empty);
+    ec_signal(h, &r->not_full); /* head moved on: the next position may be free */
+    CUT(3);
+    return MOVE_DONE;
+}
+
+static int redeliver(upipe_handle *h, uint32_t ri, uint64_t q, int cut)
+{
+    struct upipe_ring *r = ring_at(h, ri);
+    struct upipe_slot *held = upipe_ring_slot(r, q);
+    if (UPIPE_LOAD_SEQCST(&held->seq) != q + 1)
+        return MOVE_DONE; /* not held any more: nothing to move */
+    struct upipe_rec *rec = rec_get(h, UPIPE_OP_REDELIVER, ri);
+    UPIPE_STORE_RELAXED(&rec->src, q); /* with pos, published by the claiming CAS (seq_cst) */
+    uint64_t p;
+    if (upipe_ring_claim_prod(r, 1, UPIPE_RING_BULK, rec, &p) == 1) {
+        CUT(0);
+        UPIPE_STORE_RELAXED(&rec->src, q | UPIPE_SRC_CLAIMED); /* pos is really ours now */
+        CUT(1);
+        struct upipe_slot *s = upipe_ring_slot(r, p);
+        copy_slot(r, s, held);
+        CUT(2);
+        UPIPE_STORE_RELEASE(&s->stamp, p); /* R2: the copy is complete (commit point) */
+        CUT(3);
+        if (move_finish(h, r, p, q, cut) == MOVE_CUT)
+            return MOVE_CUT;
+        rec_put(h, rec);
+        return MOVE_DONE;
+    }
+    uint64_t hd = UPIPE_LOAD_SEQCST(&r->head);
+    if (hd != q + r->capacity ||
+        (int64_t)(hd - UPIPE_LOAD_SEQCST(&r->tail)) >= (int64_t)r->limit) {
+        rec_put(h, rec);
+        return MOVE_NO_ROOM; /* full of other items (or at maxsize): later */
+    }
+    UPIPE_STORE_RELAXED(&rec->pos, hd);
+    UPIPE_STORE_RELAXED(&rec->n, 1);
+    CUT(0);
+    if (!UPIPE_CAS(&r->head, &hd, hd + 1)) { /* claim: the journal is published with it */
+        rec_put(h, rec);
+        return MOVE_NO_ROOM; /* (cannot happen, see above; never spin here) */
+    }
+    CUT(1);
+    if (move_in_place(h, r, q, cut) == MOVE_CUT)
+        return MOVE_CUT;
+    rec_put(h, rec);
+    return MOVE_DONE;
+}
+
+/* Give one of our takes back: 0 moved; -ENOBUFS no room yet (still held); -ENOENT; 1 cut (tests). */
+static int give_back(upipe_handle *h, uint64_t receipt, int cut)
+{
+    struct upipe_rec *rec = hold_claim(h, receipt);
+    if (!rec)
+        return -ENOENT;
+    int rc = redeliver(h, UPIPE_LOAD_RELAXED(&rec->ring), UPIPE_LOAD_RELAXED(&rec->pos), cut);
+    if (rc == MOVE_NO_ROOM) {
+        UPIPE_STORE_RELEASE(&h->hold_tok[rec - h->actor->recs], receipt); /* held, as before */
+        return -ENOBUFS;
+    }
+    if (rc == MOVE_CUT)
+        return 1; /* the caller dies now, with its journal as it is */
+    hold_done(h, rec);
+    return 0;
+}
+
+int upipe_nack(upipe_handle *h, uint64_t receipt)
+{
+    return give_back(h, receipt, NO_CUT);
+}
+
+/* Detach and exit: give every take back. Returns how many are still held (no room yet). */
+static int give_back_all(upipe_handle *h)
+{
+    int pending = 0;
+    for (uint32_t i = 0; i < UPIPE_RECS_PER_ACTOR; i++) {
+        uint64_t receipt = UPIPE_LOAD_ACQUIRE(&h->hold_tok[i]);
+        if (receipt && give_back(h, receipt, NO_CUT) == -ENOBUFS)
+            pending++;
+    }
+    return pending;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1017,9 +1406,14 @@ static int resolve_wait(upipe_handle *h, uint32_t ring, int what, struct upipe_r
     return 0;
 }
 
-static int cond_ready(struct upipe_ring *r, int what)
+static int cond_ready(upipe_handle *h, struct upipe_ring *r, int what)
 {
-    return what == UPIPE_WAIT_WRITABLE ? upipe_ring_writable(r) : upipe_ring_readable(r);
+    if (what == UPIPE_WAIT_WRITABLE)
+        return upipe_ring_writable(r);
+    if (upipe_ring_published(r))
+        return 1;
+    /* Closed and empty wakes consumers to see the end, once no held item can come back. */
+    return UPIPE_LOAD_SEQCST(&r->closed) && !others_hold(h, r);
 }
 
 int upipe_ready(upipe_handle *h, uint32_t ring, int what)
@@ -1027,7 +1421,7 @@ int upipe_ready(upipe_handle *h, uint32_t ring, int what)
     struct upipe_ring *r;
     struct upipe_ec *ec;
     int rc = resolve_wait(h, ring, what, &r, &ec);
-    return rc < 0 ? rc : cond_ready(r, what);
+    return rc < 0 ? rc : cond_ready(h, r, what);
 }
 
 int upipe_wait(upipe_handle *h, uint32_t ring, int what, int64_t deadline_ns)
@@ -1042,7 +1436,7 @@ int upipe_wait(upipe_handle *h, uint32_t ring, int what, int64_t deadline_ns)
     if (h->spin_ns > 0) {
         int64_t spin_end = upipe_now_ns() + h->spin_ns;
         for (uint32_t i = 1;; i++) {
-            if (cond_ready(r, what))
+            if (cond_ready(h, r, what))
                 return 0;
             UPIPE_CPU_RELAX();
             if ((i & 63) == 0 && upipe_now_ns() >= spin_end)
@@ -1053,7 +1447,7 @@ int upipe_wait(upipe_handle *h, uint32_t ring, int what, int64_t deadline_ns)
         uint32_t seq = UPIPE_LOAD_SEQCST(&ec->seq);
         UPIPE_FETCH_ADD(&ec->sync_waiters, 1); /* F0, waiter side: register, arm, re-check */
         UPIPE_STORE_SEQCST(&ec->sync_armed, 1);
-        if (cond_ready(r, what)) {
+        if (cond_ready(h, r, what)) {
             UPIPE_FETCH_SUB(&ec->sync_waiters, 1);
             return 0;
         }
@@ -1071,7 +1465,7 @@ int upipe_wait(upipe_handle *h, uint32_t ring, int what, int64_t deadline_ns)
         if (rc == -ETIMEDOUT) {
             if (deadline_ns >= 0 && upipe_now_ns() >= deadline_ns) {
                 /* We may have been the one woken for an item we now walk away from: pass it on. */
-                if (cond_ready(r, what) && UPIPE_LOAD_SEQCST(&ec->sync_waiters)) {
+                if (cond_ready(h, r, what) && UPIPE_LOAD_SEQCST(&ec->sync_waiters)) {
                     UPIPE_FETCH_ADD(&ec->seq, 1);
                     upipe_futex_wake(&ec->seq, 1);
                 }
@@ -1092,7 +1486,7 @@ int upipe_spin(upipe_handle *h, uint32_t ring, int what, int64_t spin_ns)
         return rc;
     int64_t spin_end = upipe_now_ns() + spin_ns;
     for (uint32_t i = 1;; i++) {
-        if (cond_ready(r, what))
+        if (cond_ready(h, r, what))
             return 1;
         UPIPE_CPU_RELAX();
         if ((i & 63) == 0 && upipe_now_ns() >= spin_end)
@@ -1110,11 +1504,11 @@ int upipe_async_waiter(upipe_handle *h, uint32_t ring, int what, int delta)
     if (delta > 0) {
         UPIPE_FETCH_ADD(&ec->async_waiters, 1); /* F0, waiter side */
         UPIPE_STORE_SEQCST(&ec->async_armed, 1);
-        return cond_ready(r, what);
+        return cond_ready(h, r, what);
     }
     if (delta == 0) { /* re-arm: a dispatcher drained the eventfd and waiters remain */
         UPIPE_STORE_SEQCST(&ec->async_armed, 1);
-        return cond_ready(r, what);
+        return cond_ready(h, r, what);
     }
     UPIPE_FETCH_SUB(&ec->async_waiters, 1);
     return 0;
@@ -1172,12 +1566,28 @@ int upipe_debug_abandon(upipe_handle *h, uint32_t ring, int what)
 {
     /* Leave ring 'ring' the way a process killed at one instruction would, then return; the
      * caller SIGKILLs itself. what: 0 = put claimed, nothing written; 1 = put written and
-     * stamped, not published; 2 = take claimed, not released. The journal entry stays busy. */
-    if (bad_data_ring(h, ring) || what < 0 || what > 2)
+     * stamped, not published; 2 = get claimed, not released; 3 = take held, never acked;
+     * 4 + k = take, then give it back but stop after step k of the move (redeliver()). The
+     * journal entries stay busy. */
+    if (bad_data_ring(h, ring) || what < 0 || what > 4 + 4)
         return -EINVAL;
     struct upipe_ring *r = ring_at(h, ring);
     uint64_t p;
     int busy;
+    if (what >= 3) {
+        char *buf = malloc(r->inline_max);
+        if (!buf)
+            return -ENOMEM;
+        uint32_t chunk;
+        uint64_t receipt;
+        int64_t rc = upipe_take(h, ring, buf, r->inline_max, &chunk, &receipt);
+        free(buf);
+        if (rc < 0)
+            return (int)rc;
+        if (what == 3)
+            return 0;
+        return give_back(h, receipt, what - 4) == 1 ? 0 : -ERANGE;
+    }
     if (what == 2) {
         struct upipe_rec *rec = rec_get(h, UPIPE_OP_TAKE, ring);
         return upipe_ring_claim_cons(r, 1, UPIPE_RING_BULK, rec, &p, &busy) ? 0 : -ENOENT;
@@ -1201,16 +1611,22 @@ int upipe_debug_abandon(upipe_handle *h, uint32_t ring, int what)
 /* ------------------------------------------------------------------------------------------ */
 /* recovery                                                                                   */
 
-/* Is position q of ring ri named by the journal of any actor we believe alive? */
-static int live_claim(upipe_handle *h, const uint8_t *alive, uint32_t ri, uint32_t op, uint64_t q)
+/* Journal ops that claim at head, and at tail. */
+#define OPS_PRODUCER ((1u << UPIPE_OP_PUT) | (1u << UPIPE_OP_REDELIVER))
+#define OPS_CONSUMER ((1u << UPIPE_OP_TAKE) | (1u << UPIPE_OP_HOLD))
+
+/* Is position q of ring ri named, by an op in ops, in the journal of an actor we believe alive
+ * (alive != NULL), or of any actor whose entry is in use (alive == NULL)? */
+static int live_claim(upipe_handle *h, const uint8_t *alive, uint32_t ri, uint32_t ops, uint64_t q)
 {
     for (uint32_t i = 0; i < h->hdr->max_actors; i++) {
-        if (!alive[i])
-            continue;
         struct upipe_actor *a = actor_at(h, i);
+        if (alive ? !alive[i] : UPIPE_LOAD_ACQUIRE(&a->pid) == 0)
+            continue;
         for (uint32_t j = 0; j < UPIPE_RECS_PER_ACTOR; j++) {
             struct upipe_rec *rec = &a->recs[j];
-            if (UPIPE_LOAD_SEQCST(&rec->op) != op || UPIPE_LOAD_SEQCST(&rec->ring) != ri)
+            uint32_t op = UPIPE_LOAD_SEQCST(&rec->op);
+            if (op >= 32 || !(ops & (1u << op)) || UPIPE_LOAD_SEQCST(&rec->ring) != ri)
                 continue;
             uint64_t pos = UPIPE_LOAD_SEQCST(&rec->pos), n = UPIPE_LOAD_SEQCST(&rec->n);
             if (q >= pos && q < pos + n)
@@ -1226,7 +1642,7 @@ static void repair_put(upipe_handle *h, const uint8_t *alive, uint32_t ri, uint6
     struct upipe_ring *r = ring_at(h, ri);
     if (UPIPE_LOAD_SEQCST(&r->head) <= q)
         return; /* never claimed */
-    if (live_claim(h, alive, ri, UPIPE_OP_PUT, q))
+    if (live_claim(h, alive, ri, OPS_PRODUCER, q))
         return; /* a live producer owns it and will publish it */
     struct upipe_slot *s = upipe_ring_slot(r, q);
     if (UPIPE_LOAD_SEQCST(&s->seq) != q)
@@ -1252,8 +1668,10 @@ static void repair_take(upipe_handle *h, const uint8_t *alive, uint32_t ri, uint
     struct upipe_ring *r = ring_at(h, ri);
     if (UPIPE_LOAD_SEQCST(&r->tail) <= q)
         return;
-    if (live_claim(h, alive, ri, UPIPE_OP_TAKE, q))
+    if (live_claim(h, alive, ri, OPS_CONSUMER, q))
         return;
+    if (live_claim(h, NULL, ri, 1u << UPIPE_OP_HOLD, q))
+        return; /* a dead taker's item waiting for room to be redelivered (pass 2): not lost */
     struct upipe_slot *s = upipe_ring_slot(r, q);
     if (UPIPE_LOAD_SEQCST(&s->seq) != q + 1)
         return; /* already released */
@@ -1267,10 +1685,70 @@ static void repair_take(upipe_handle *h, const uint8_t *alive, uint32_t ri, uint
         UPIPE_FETCH_ADD(&r->lost_items, 1); /* an inline item it took and never returned */
     }
     upipe_ring_release(r, q);
-    ec_signal(h, &r->not_full);
+    released_signal(h, r);
 }
 
-static void recover_actor(upipe_handle *h, const uint8_t *alive, uint32_t index)
+/*
+ * A process died moving a held item from position q (src) to pos p: finish the move or undo
+ * it, so that the item is in exactly one place (see redeliver() for the steps). Pass 1 of
+ * recovery, before any HOLD is looked at.
+ */
+static void repair_redeliver(upipe_handle *h, const uint8_t *alive, uint32_t ri, uint64_t p,
+                             uint64_t src)
+{
+    struct upipe_ring *r = ring_at(h, ri);
+    uint64_t q = src & ~UPIPE_SRC_CLAIMED;
+    struct upipe_slot *old = upipe_ring_slot(r, q);
+    if (p == q + r->capacity) {
+        /* In place (a fast-path claim can never be q + capacity while q is held: claim_prod
+         * needs seq == q + capacity there). head beyond p with the slot still held at q means
+         * our CAS on head went through: only we could move head past a held slot. */
+        if (UPIPE_LOAD_SEQCST(&r->head) > p && UPIPE_LOAD_SEQCST(&old->seq) == q + 1)
+            move_in_place(h, r, q, NO_CUT);
+        return;
+    }
+    if (!(src & UPIPE_SRC_CLAIMED)) {
+        /* Died around its claim of p (won or lost): nothing of the item was written there,
+         * so p is repaired as anyone's claimed put would be; the item stays held at q. */
+        repair_put(h, alive, ri, p);
+        return;
+    }
+    struct upipe_slot *s = upipe_ring_slot(r, p);
+    if (UPIPE_LOAD_SEQCST(&s->seq) == p) { /* claimed by it, not published */
+        if (UPIPE_LOAD_ACQUIRE(&s->stamp) != p) { /* A2: the copy was not complete: undo */
+            write_tombstone(r, p);
+            ec_signal(h, &r->not_empty);
+            return;
+        }
+        move_finish(h, r, p, q, NO_CUT); /* complete: publish p, release q */
+        return;
+    }
+    move_release_old(h, r, q); /* p was published: the move happened; let go of q */
+}
+
+/* A consumer died holding q (a take it never acked): put the item back. 1 done (or nothing to
+ * do), 0 no room yet: the entry stays, and the next recovery tries again. Pass 2. */
+static int repair_hold(upipe_handle *h, const uint8_t *alive, uint32_t ri, uint64_t q)
+{
+    struct upipe_ring *r = ring_at(h, ri);
+    if (UPIPE_LOAD_SEQCST(&r->tail) <= q)
+        return 1; /* never claimed: its CAS did not go through */
+    if (live_claim(h, alive, ri, OPS_CONSUMER, q))
+        return 1; /* a live consumer's */
+    struct upipe_slot *s = upipe_ring_slot(r, q);
+    if (UPIPE_LOAD_SEQCST(&s->seq) != q + 1)
+        return 1; /* acked, or moved already */
+    if (UPIPE_SLOT_PEEK(s, kind) == UPIPE_KIND_TOMBSTONE) { /* died before skipping it */
+        upipe_ring_release(r, q);
+        released_signal(h, r);
+        return 1;
+    }
+    return redeliver(h, ri, q, NO_CUT) == MOVE_DONE;
+}
+
+/* Pass 3: puts and gets, chunks, the table entry. With takes still waiting for room (pending),
+ * the chunks those name (HELD) and the entry itself stay until a later recovery. */
+static void recover_actor(upipe_handle *h, const uint8_t *alive, uint32_t index, int pending)
 {
     struct upipe_actor *a = actor_at(h, index);
     uint32_t dead_tag = make_tag(index, UPIPE_LOAD_ACQUIRE(&a->gen));
@@ -1279,26 +1757,33 @@ static void recover_actor(upipe_handle *h, const uint8_t *alive, uint32_t index)
         struct upipe_rec *rec = &a->recs[j];
         uint32_t op = UPIPE_LOAD_SEQCST(&rec->op);
         uint32_t ri = UPIPE_LOAD_SEQCST(&rec->ring);
-        if (op == UPIPE_OP_NONE || ri >= nrings)
+        if ((op != UPIPE_OP_PUT && op != UPIPE_OP_TAKE) || ri >= nrings)
             continue;
         uint64_t pos = UPIPE_LOAD_SEQCST(&rec->pos), n = UPIPE_LOAD_SEQCST(&rec->n);
         for (uint64_t q = pos; q < pos + n; q++) {
             if (op == UPIPE_OP_PUT)
                 repair_put(h, alive, ri, q);
-            else if (op == UPIPE_OP_TAKE)
+            else
                 repair_take(h, alive, ri, q, dead_tag);
         }
+        UPIPE_STORE_RELAXED(&rec->op, UPIPE_OP_NONE);
     }
-    /* Sweep: every chunk the dead process held goes back to its pool. */
+    /* Sweep: every chunk the dead process held goes back to its pool. A HELD one is an item
+     * whose ack was under way (the hold itself was moved, giving the chunk to the queue). */
     for (uint32_t c = 0; c < h->hdr->total_chunks; c++) {
         struct upipe_chunk *ch = chunk_hdr(h, c);
         if (UPIPE_LOAD_ACQUIRE(&ch->owner) != dead_tag)
             continue;
-        if (UPIPE_LOAD_RELAXED(&ch->flags) & UPIPE_CHUNK_RECEIVED)
+        uint32_t flags = UPIPE_LOAD_RELAXED(&ch->flags);
+        if (pending && (flags & UPIPE_CHUNK_HELD))
+            continue;
+        if ((flags & UPIPE_CHUNK_RECEIVED) && !(flags & UPIPE_CHUNK_HELD))
             UPIPE_FETCH_ADD(&h->hdr->lost_leases, 1);
         UPIPE_FETCH_ADD(&h->hdr->reclaimed_chunks, 1);
         free_chunk_from(h, c, dead_tag);
     }
+    if (pending)
+        return;
     for (uint32_t j = 0; j < UPIPE_RECS_PER_ACTOR; j++)
         UPIPE_STORE_RELAXED(&a->recs[j].op, UPIPE_OP_NONE);
     UPIPE_FETCH_ADD(&h->hdr->recoveries, 1);
@@ -1337,9 +1822,49 @@ int upipe_recover(upipe_handle *h)
         else
             dead[i] = 1, ndead++;
     }
+    /* Pass 1: moves of held items cut short by a death are finished or undone, so that pass 2
+     * finds every held item in exactly one place. */
+    for (uint32_t i = 0; i < hdr->max_actors; i++) {
+        for (uint32_t j = 0; dead[i] && j < UPIPE_RECS_PER_ACTOR; j++) {
+            struct upipe_rec *rec = &actor_at(h, i)->recs[j];
+            uint32_t ri = UPIPE_LOAD_SEQCST(&rec->ring);
+            if (UPIPE_LOAD_SEQCST(&rec->op) != UPIPE_OP_REDELIVER)
+                continue;
+            if (ri < hdr->ndata_rings && UPIPE_LOAD_SEQCST(&rec->n) != 0)
+                repair_redeliver(h, alive, ri, UPIPE_LOAD_SEQCST(&rec->pos),
+                                 UPIPE_LOAD_SEQCST(&rec->src));
+            UPIPE_STORE_RELAXED(&rec->op, UPIPE_OP_NONE);
+        }
+    }
+    /* Pass 2: items dead consumers held go back into their rings. Moving one in place may make
+     * room for another, so go round again while that helps. */
+    uint8_t pending[UPIPE_MAX_ACTORS];
+    for (int progress = 1; progress;) {
+        progress = 0;
+        for (uint32_t i = 0; i < hdr->max_actors; i++) {
+            pending[i] = 0;
+            for (uint32_t j = 0; dead[i] && j < UPIPE_RECS_PER_ACTOR; j++) {
+                struct upipe_rec *rec = &actor_at(h, i)->recs[j];
+                uint32_t ri = UPIPE_LOAD_SEQCST(&rec->ring);
+                if (UPIPE_LOAD_SEQCST(&rec->op) != UPIPE_OP_HOLD)
+                    continue;
+                int done = 1;
+                uint64_t pos = UPIPE_LOAD_SEQCST(&rec->pos), n = UPIPE_LOAD_SEQCST(&rec->n);
+                for (uint64_t q = pos; ri < hdr->ndata_rings && q < pos + n; q++)
+                    done &= repair_hold(h, alive, ri, q);
+                if (done) {
+                    UPIPE_STORE_RELAXED(&rec->op, UPIPE_OP_NONE);
+                    progress = 1;
+                } else {
+                    pending[i] = 1;
+                }
+            }
+        }
+    }
+    /* Pass 3: puts and gets, chunks, table entries. */
     for (uint32_t i = 0; i < hdr->max_actors; i++)
         if (dead[i])
-            recover_actor(h, alive, i);
+            recover_actor(h, alive, i, pending[i]);
     UPIPE_STORE_RELEASE(&hdr->recovery_owner, 0);
     return ndead;
 }
@@ -1359,6 +1884,7 @@ int upipe_stats(upipe_handle *h, uint32_t ring, struct upipe_stats *out)
     out->aborted_puts = UPIPE_LOAD_RELAXED(&r->aborted_puts);
     out->lost_items = UPIPE_LOAD_RELAXED(&r->lost_items);
     out->tombstones_skipped = UPIPE_LOAD_RELAXED(&r->tombstones_skipped);
+    out->redelivered = UPIPE_LOAD_RELAXED(&r->redelivered);
     out->recoveries = UPIPE_LOAD_RELAXED(&h->hdr->recoveries);
     out->reclaimed_chunks = UPIPE_LOAD_RELAXED(&h->hdr->reclaimed_chunks);
     out->lost_leases = UPIPE_LOAD_RELAXED(&h->hdr->lost_leases);

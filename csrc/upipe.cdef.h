@@ -2,6 +2,7 @@
  * compiles the module). Only the public API: the shared structs stay opaque to Python. */
 #define UPIPE_ABI_VERSION ...
 #define UPIPE_KIND_BYTES ...
+#define UPIPE_MAX_HOLDS ...
 #define UPIPE_MAX_CLASSES ...
 #define UPIPE_MAX_DATA_RINGS ...
 #define UPIPE_MAX_ACTORS ...
@@ -29,6 +30,7 @@ struct upipe_stats {
     uint32_t actors, nclasses;
     uint64_t class_size[8], class_total[8], class_free[8];
     uint64_t segment_size;
+    uint64_t redelivered;
 };
 
 enum upipe_wait_what { UPIPE_WAIT_READABLE = 0, UPIPE_WAIT_WRITABLE = 1, UPIPE_WAIT_CHUNK = 2 };
@@ -56,6 +58,11 @@ int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
                   uint32_t *chunk_out);
 int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
                        uint64_t outcap, uint32_t *ends, uint32_t maxn);
+/* At-least-once: take (slot kept until the ack), ack, nack (put it back now). */
+int64_t upipe_take(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
+                   uint32_t *chunk_out, uint64_t *receipt_out);
+int upipe_ack(upipe_handle *h, uint64_t receipt);
+int upipe_nack(upipe_handle *h, uint64_t receipt);
 /* The bytes fast paths: ring 0, kind UPIPE_KIND_BYTES, inline, no meta; the fewest arguments
  * cffi has to convert. upipe_get_bytes returns the length, or -EBADMSG (nothing taken) when the
  * next item is of another shape. */
@@ -89,8 +96,8 @@ void upipe_async_kick(upipe_handle *h, uint32_t ring, int what);
 int upipe_close(upipe_handle *h, uint32_t ring);
 int upipe_is_closed(upipe_handle *h, uint32_t ring);
 int upipe_recover(upipe_handle *h);
-/* Tests only: leave a slot half-done as a SIGKILL would (0 put claimed, 1 put stamped, 2 take
- * claimed); the caller then kills itself. */
+/* Tests only: leave a slot half-done as a SIGKILL would; the caller then kills itself.
+ * 0 put claimed, 1 put stamped, 2 get claimed, 3 take held, 4 + k: nack cut after step k. */
 int upipe_debug_abandon(upipe_handle *h, uint32_t ring, int what);
 int upipe_stats(upipe_handle *h, uint32_t ring, struct upipe_stats *out);
 int upipe_pid_alive(uint32_t pid, uint64_t starttime);

@@ -10,6 +10,9 @@
  *   -EPROTO   not a upipe segment / corrupt header
  *   -EPROTONOSUPPORT  layout or ABI version differs   -ETIMEDOUT  timed out / creator hung
  *   -ENOSPC / -ENOMEM  the memory for the segment could not be reserved
+ *   -EDQUOT   this process already holds UPIPE_MAX_HOLDS unacked takes
+ *   -EBUSY    the chunk is named by an unacked take (put_chunk) / another process recovers
+ *   -ESTALE   an ack found its slot taken away (recovery redelivered it)
  * The C side is the same in every process; everything process-local lives in upipe_handle.
  */
 #ifndef UPIPE_H
@@ -17,8 +20,11 @@
 
 #include <stdint.h>
 
-#define UPIPE_ABI_VERSION 1
+#define UPIPE_ABI_VERSION 2
 #define UPIPE_KIND_BYTES 1
+/* Unacked takes one process may hold per segment: each keeps a journal entry busy, and the
+ * other half of the 64 entries stays free for operations in flight. */
+#define UPIPE_MAX_HOLDS 32
 
 typedef struct upipe_handle upipe_handle;
 
@@ -41,6 +47,7 @@ struct upipe_stats {
     uint32_t actors, nclasses;
     uint64_t class_size[8], class_total[8], class_free[8];
     uint64_t segment_size;
+    uint64_t redelivered;
 };
 
 enum upipe_wait_what { UPIPE_WAIT_READABLE = 0, UPIPE_WAIT_WRITABLE = 1, UPIPE_WAIT_CHUNK = 2 };
@@ -80,6 +87,28 @@ int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
  * another shape (use upipe_get for it). */
 int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
                        uint64_t outcap, uint32_t *ends, uint32_t maxn);
+/*
+ * At-least-once delivery (docs/design.md, "Take and ack").
+ * upipe_take: as upipe_get, but the slot is not released: the item stays intact in it until
+ * upipe_ack, and if this process dies first (or detaches) the item is put back into the ring
+ * for another consumer. A chunk item's chunk is held as by upipe_get, but upipe_free of it is
+ * deferred to the ack (and upipe_put_chunk of it refused with -EBUSY) until then.
+ * *receipt_out: a 64-bit receipt, unique for the life of the handle (never 0).
+ * Returns as upipe_get, or -EDQUOT (UPIPE_MAX_HOLDS unacked takes already). On a closed ring,
+ * get and take say -EPIPE only once no slot is held by a take of another thread or process
+ * (its item may come back); until then -EAGAIN.
+ * Every unacked take keeps one slot busy: producers stall when the ring wraps round to it.
+ */
+int64_t upipe_take(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
+                   uint32_t *chunk_out, uint64_t *receipt_out);
+/* Done with a take: release its slot (and a chunk dropped meanwhile). 0; -ENOENT not an
+ * outstanding receipt of this handle (acked already, never issued); -ESTALE the slot had been
+ * taken away (only if recovery wrongly judged this process dead; the item was redelivered). */
+int upipe_ack(upipe_handle *h, uint64_t receipt);
+/* Give a take back now: its item is put back into the ring, as if this process had died. 0;
+ * -ENOENT as upipe_ack; -ENOBUFS no room yet (still held: try again). The chunk of a chunk item
+ * goes with it: stop using its pointer. */
+int upipe_nack(upipe_handle *h, uint64_t receipt);
 /* The bytes fast paths: ring 0, kind UPIPE_KIND_BYTES, inline, no meta; the fewest arguments
  * cffi has to convert. upipe_get_bytes returns the length, or -EBADMSG (nothing taken) when the
  * next item is of another shape. */
@@ -123,8 +152,10 @@ int upipe_close(upipe_handle *h, uint32_t ring);
 int upipe_is_closed(upipe_handle *h, uint32_t ring);
 /* Repair what dead processes left half-done; returns how many dead processes were recovered. */
 int upipe_recover(upipe_handle *h);
-/* Tests only: leave a slot half-done as a SIGKILL would (0 put claimed, 1 put stamped, 2 take
- * claimed); the caller then kills itself. */
+/* Tests only: leave a slot half-done as a SIGKILL would; the caller then kills itself.
+ * 0 put claimed, 1 put stamped, 2 get claimed, 3 take held (no ack), 4 + k: take, then give
+ * it back (nack) but stop after step k of the move (see redeliver() in upipe.c); -ERANGE if the
+ * move finished before step k. */
 int upipe_debug_abandon(upipe_handle *h, uint32_t ring, int what);
 int upipe_stats(upipe_handle *h, uint32_t ring, struct upipe_stats *out);
 

@@ -19,7 +19,7 @@
 
 /* "UPIPE\0\0\1" read as a little-endian u64. */
 #define UPIPE_MAGIC 0x0100004550495055ULL
-#define UPIPE_LAYOUT_VERSION 1u
+#define UPIPE_LAYOUT_VERSION 2u /* 2: take/ack (HOLD, REDELIVER), rec.src, ring.redelivered */
 
 #define UPIPE_HEADER_SIZE 4096u
 #define UPIPE_MAX_DATA_RINGS 8u
@@ -41,11 +41,33 @@ enum upipe_state { UPIPE_STATE_EMPTY = 0, UPIPE_STATE_INITIALIZING = 1, UPIPE_ST
 /* slot.kind reserved by the C core: a slot a dead producer claimed and never filled. */
 #define UPIPE_KIND_TOMBSTONE 0xFFFFu
 
-/* chunk.flags */
+/* chunk.flags (written by the holder; set to 0 whenever the chunk changes holder) */
 #define UPIPE_CHUNK_RECEIVED 1u /* the holder took it from a data ring (an item, not a fresh alloc) */
+#define UPIPE_CHUNK_HELD 2u     /* an unacked take: its held slot still names the chunk, so the
+                                 * chunk may not be freed or put until the ack */
+#define UPIPE_CHUNK_DROPPED 4u  /* the holder let go of it while HELD: the ack frees it */
 
-/* rec.op: what an actor is in the middle of (the journal recovery reads after a crash). */
-enum upipe_op { UPIPE_OP_NONE = 0, UPIPE_OP_PUT = 1, UPIPE_OP_TAKE = 2 };
+/* actor.pid of an entry whose process detached (handle gone) with takes it could not give back
+ * yet: recovery treats it as dead and finishes them. Never a real pid (those are < 2^22). */
+#define UPIPE_PID_ABANDONED 0xFFFFFFFFu
+
+/*
+ * rec.op: what an actor is in the middle of (the journal recovery reads after a crash).
+ *   PUT        claiming / filling positions at head (pos, n)
+ *   TAKE       claiming / reading positions at tail (get: released at once)
+ *   HOLD       a take: position pos claimed at tail and NOT released until the ack; the entry
+ *              stays busy until then. A dead holder's item is redelivered, not lost.
+ *   REDELIVER  moving the item held at position src to a fresh position pos (recovery, nack,
+ *              detach). src has UPIPE_SRC_CLAIMED set once pos is really this actor's.
+ */
+enum upipe_op {
+    UPIPE_OP_NONE = 0,
+    UPIPE_OP_PUT = 1,
+    UPIPE_OP_TAKE = 2,
+    UPIPE_OP_HOLD = 3,
+    UPIPE_OP_REDELIVER = 4
+};
+#define UPIPE_SRC_CLAIMED (1ULL << 63)
 
 /*
  * An eventcount: a doorbell for one condition of one ring (see docs/futex.md).
@@ -105,7 +127,8 @@ struct upipe_ring {
     _Atomic uint64_t aborted_puts;       /* recovery: tombstones written for dead producers */
     _Atomic uint64_t lost_items;         /* recovery: items a dead consumer took mid-get */
     _Atomic uint64_t tombstones_skipped; /* consumers */
-    uint8_t pad_rare[128 - 32];
+    _Atomic uint64_t redelivered;        /* recovery, nack, detach: held items put back */
+    uint8_t pad_rare[128 - 40];
     /* slot_size * capacity bytes of slots follow, then UPIPE_RING_GUARD bytes */
 };
 #define UPIPE_RING_FREELIST 1u
@@ -116,13 +139,15 @@ struct upipe_rec {
     _Atomic uint32_t ring; /* ring index */
     _Atomic uint64_t pos;  /* first position being claimed (written before the claiming CAS) */
     _Atomic uint64_t n;    /* number of positions being claimed */
-    uint64_t pad;
+    _Atomic uint64_t src;  /* REDELIVER: the held position being moved (| UPIPE_SRC_CLAIMED) */
 };
 
 /*
  * An attached process. pid: the actor itself claims the entry (CAS 0 -> pid) and clears it on
- * detach; recovery clears it after a crash. gen: bumped by the claimer, so a tag never names two
- * incarnations. recs: the process's in-flight operations, one entry per concurrent thread.
+ * detach (or sets UPIPE_PID_ABANDONED when it detaches holding takes it cannot give back yet);
+ * recovery clears it after a crash. gen: bumped by the claimer, so a tag never names two
+ * incarnations. recs: the process's in-flight operations, one entry per concurrent thread, plus
+ * one per unacked take (HOLD).
  */
 struct upipe_actor {
     _Atomic uint32_t pid;
@@ -135,7 +160,7 @@ struct upipe_actor {
 /* Chunk bookkeeping, one per chunk, in the chunk-headers region. */
 struct upipe_chunk {
     _Atomic uint32_t owner; /* the current holder: FREE, QUEUED or an actor tag */
-    _Atomic uint32_t flags; /* holder */
+    _Atomic uint32_t flags; /* holder (UPIPE_CHUNK_*); RMW only while HELD (free vs ack) */
 };
 
 /* creator, read-only afterwards */

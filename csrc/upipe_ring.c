@@ -138,8 +138,11 @@ uint64_t upipe_ring_count(struct upipe_ring *r)
  */
 int upipe_ring_readable(struct upipe_ring *r)
 {
-    if (UPIPE_LOAD_SEQCST(&r->closed))
-        return 1;
+    return UPIPE_LOAD_SEQCST(&r->closed) || upipe_ring_published(r);
+}
+
+int upipe_ring_published(struct upipe_ring *r)
+{
     for (;;) {
         uint64_t t = UPIPE_LOAD_SEQCST(&r->tail);
         uint64_t seq = UPIPE_LOAD_SEQCST(&upipe_ring_slot(r, t)->seq);

@@ -66,6 +66,8 @@ uint64_t upipe_ring_count(struct upipe_ring *r);
 
 /* A consumer could take an item now (or the ring is closed). */
 int upipe_ring_readable(struct upipe_ring *r);
+/* The item at tail is published (seq_cst loads, as readable). */
+int upipe_ring_published(struct upipe_ring *r);
 /* A producer could claim a slot now (or the ring is closed). */
 int upipe_ring_writable(struct upipe_ring *r);
 

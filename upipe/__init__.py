@@ -17,12 +17,13 @@ from .errors import (
     SegmentError,
     ShmExhausted,
     TooManyProcesses,
+    TooManyTakes,
     UpipeError,
     VersionMismatch,
 )
 from .pipe import Pipe, PipeStatistics
 from .processor import Processor, ProcessorError
-from .queue import Queue, QueueStatistics
+from .queue import Queue, QueueStatistics, Receipt
 
 __version__ = "0.1.0"
 
@@ -39,9 +40,11 @@ __all__ = [
     "ProcessorError",
     "Queue",
     "QueueStatistics",
+    "Receipt",
     "SegmentError",
     "ShmExhausted",
     "TooManyProcesses",
+    "TooManyTakes",
     "UpipeError",
     "VersionMismatch",
     "__version__",

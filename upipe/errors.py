@@ -60,4 +60,12 @@ class TooManyProcesses(UpipeError):
 
 
 class NotOwner(UpipeError, ValueError):
-    """The buffer is not held by this process: it was already put, released, or never leased."""
+    """The buffer is not held by this process: it was already put, released, or never leased.
+
+    Also raised by ``Queue.ack`` for a receipt that is not an unacked take of this queue in this
+    process (acked already, from another queue or process, or not a receipt at all).
+    """
+
+
+class TooManyTakes(UpipeError):
+    """This process already holds 32 unacknowledged takes of the queue: ``ack`` some first."""

@@ -20,17 +20,30 @@ import numpy as np
 import psutil
 
 from . import aio, codec
-from .errors import Closed, Empty, Full, MessageTooLarge, NotOwner, ShmExhausted, UpipeError
+from .errors import (
+    Closed,
+    Empty,
+    Full,
+    MessageTooLarge,
+    NotOwner,
+    ShmExhausted,
+    TooManyTakes,
+    UpipeError,
+)
 from .segment import (
     EAGAIN,
     EBADMSG,
+    EBUSY,
+    EDQUOT,
     EINTR,
     EMSGSIZE,
     ENOBUFS,
     ENOENT,
     EPERM,
     EPIPE,
+    ESTALE,
     ETIMEDOUT,
+    MAX_HOLDS,
     WAIT_CHUNK,
     WAIT_READABLE,
     WAIT_WRITABLE,
@@ -48,7 +61,7 @@ DEFAULT_SPIN = 20e-6
 MAX_CLASSES = 8
 TOKEN_PREFIX = "upipe-queue:1:"
 
-__all__ = ["Queue", "QueueStatistics"]
+__all__ = ["Queue", "QueueStatistics", "Receipt"]
 
 _NOTHING: Any = object()  # "no item yet" from Queue._try_get (None is a valid item)
 
@@ -60,6 +73,8 @@ class QueueStatistics:
     ``lost_items`` counts items a consumer took and never finished because it died: taken
     mid-``get`` (an inline item), or held as a zero-copy view when it died (``lost_leases``).
     ``aborted_puts`` counts puts a producer died in the middle of (nothing was delivered).
+    ``redelivered`` counts items of :meth:`Queue.take` put back into the queue because their
+    taker died or detached before its :meth:`Queue.ack` (they are not lost).
     """
 
     maxsize: int
@@ -75,6 +90,28 @@ class QueueStatistics:
     lost_leases: int
     aborted_puts: int
     segment_bytes: int
+    redelivered: int = 0
+
+
+class Receipt:
+    """Proof of one :meth:`Queue.take`: hand it to :meth:`Queue.ack` once the item is done.
+
+    Valid in the process and for the queue that took the item, once: acking it twice, on
+    another queue, or in another process raises :class:`NotOwner`. It cannot be pickled.
+    """
+
+    __slots__ = ("_seg", "_token", "_pid")
+
+    def __init__(self, seg: Segment, token: int) -> None:
+        self._seg = seg
+        self._token = token
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        return f"<upipe.Receipt {self._token:#x}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a upipe Receipt is only valid in the process that took the item")
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -248,6 +285,11 @@ class _PendingPut:
             raise MessageTooLarge(f"item of {self.enc.nbytes} bytes does not fit this queue")
         if rc == -EPERM:
             raise NotOwner("this buffer is not held by this process (already put or released)")
+        if rc == -EBUSY:
+            raise NotOwner(
+                "this buffer is an item from take() that is not acked yet (its slot still names "
+                "it): ack() it first, or put a copy"
+            )
         raise UpipeError(f"put failed: {os.strerror(-rc)}")
 
     def abandon(self) -> None:
@@ -500,6 +542,116 @@ class Queue:
     def get_nowait(self) -> Any:
         """``get(block=False)``."""
         return self.get(False)
+
+    # -- at-least-once: take and ack ----------------------------------------------------------
+
+    def take(self, block: bool = True, timeout: float | None = None) -> tuple[Any, Receipt]:
+        """Remove and return an item like :meth:`get`, with a receipt: ``(item, receipt)``.
+        The item stays in the queue's memory until :meth:`ack` of the receipt; if this process
+        dies (or detaches) before that, the item is put back into the queue for another consumer
+        (at-least-once delivery: an item is never lost, and may come out twice).
+
+        Every unacked take keeps one of the queue's slots busy (``maxsize`` rounded up to a power
+        of two slots in all; 32 unacked takes per process at most), and producers wait once the
+        ring wraps round to the slot of an item still held. Ack promptly (docs/api.md, "Take and
+        ack").
+
+        :raises Empty: no item (at once if not ``block``, else after ``timeout``).
+        :raises Closed: the queue is closed and drained, and no item held by another consumer
+            can still come back.
+        :raises TooManyTakes: this process already holds 32 unacked takes of this queue.
+        """
+        got = self._try_take()
+        if got is not None:
+            return got
+        if not block:
+            raise Empty("queue is empty")
+        timeout = _check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
+        while True:
+            waited = self._block((WAIT_READABLE, 0), deadline)
+            got = self._try_take()
+            if got is not None:
+                return got
+            if not waited:
+                raise Empty(f"no item within {timeout} s")
+
+    def _try_take(self) -> tuple[Any, Receipt] | None:
+        """One attempt: (item, receipt), or None if there is no item yet."""
+        seg = self._seg
+        rc, kind, meta, payload, token = seg.take()
+        if rc < 0:
+            if rc == -EPIPE:
+                raise Closed("the queue is closed and drained")
+            if rc == -EDQUOT:
+                raise TooManyTakes(
+                    f"this process holds {MAX_HOLDS} unacked takes of this queue: ack() some "
+                    "before taking more"
+                )
+            if rc not in (-ENOENT, -EAGAIN):
+                raise UpipeError(f"take failed: {os.strerror(-rc)}")
+            return None
+        receipt = Receipt(seg, token)
+        if kind == codec.KIND_BYTES and payload.__class__ is bytes:
+            return payload, receipt
+        try:
+            return codec.decode(kind, meta, payload), receipt
+        except Exception:
+            seg.ack(token)  # it cannot be decoded here: consumed, as get() would have
+            raise
+        except BaseException:
+            seg.nack(token)  # interrupted (Ctrl-C): give it back (if no room, detach will)
+            raise
+
+    async def take_async(self, timeout: float | None = None) -> tuple[Any, Receipt]:
+        """:meth:`take`, waiting on the event loop. Cancel-safe: a cancelled take took nothing.
+
+        :raises Empty: no item within ``timeout`` seconds.
+        :raises Closed: the queue is closed and drained (as :meth:`take`).
+        :raises TooManyTakes: this process already holds 32 unacked takes of this queue.
+        """
+        got = self._try_take()
+        if got is not None:
+            return got
+        timeout = _check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._spin > 0 and self._seg.spin(WAIT_READABLE, min(self._spin, 10e-6)):
+            got = self._try_take()
+            if got is not None:
+                return got
+        while True:
+            ok = await aio.wait_for_condition(self._seg, WAIT_READABLE, deadline)
+            got = self._try_take()
+            if got is not None:
+                return got
+            if not ok:
+                raise Empty(f"no item within {timeout} s")
+
+    def ack(self, receipt: Receipt) -> None:
+        """Done with the item of a :meth:`take`: its slot goes back to the queue now, and a
+        zero-copy item's shared memory once no view of it is left (views stay valid).
+
+        :raises NotOwner: ``receipt`` is not an unacked take of this queue in this process: acked
+            already, from another queue or process, or not a :class:`Receipt`.
+        """
+        seg = self._seg
+        if not isinstance(receipt, Receipt):
+            raise NotOwner(f"ack() needs the Receipt from take(), not {type(receipt).__name__}")
+        if receipt._seg is not seg or receipt._pid != os.getpid():
+            if not isinstance(seg, Segment):
+                seg.ack  # noqa: B018 - a detached queue: raises why
+            raise NotOwner("this receipt is not from a take() on this queue in this process")
+        rc = seg.ack(receipt._token)
+        if rc == 0:
+            return
+        if rc == -ENOENT:
+            raise NotOwner("this receipt was already acked")
+        if rc == -ESTALE:
+            raise UpipeError(
+                "ack: the item had already been put back into the queue (recovery took this "
+                "process for dead); it will be delivered again"
+            )
+        raise UpipeError(f"ack failed: {os.strerror(-rc)}")
 
     def put_many(
         self, items: Iterable[Any], block: bool = True, timeout: float | None = None
@@ -819,7 +971,7 @@ class Queue:
             attached_processes=st.attached_processes, recoveries=st.recoveries,
             reclaimed_chunks=st.reclaimed_chunks, lost_items=st.lost_items + st.lost_leases,
             lost_leases=st.lost_leases, aborted_puts=st.aborted_puts,
-            segment_bytes=st.segment_bytes,
+            segment_bytes=st.segment_bytes, redelivered=st.redelivered,
         )
 
     def recover(self) -> int:

@@ -70,6 +70,7 @@ class SegmentStats:
     recoveries: int
     reclaimed_chunks: int
     lost_leases: int
+    redelivered: int
     attached_processes: int
     chunk_classes: tuple[tuple[int, int, int], ...]  # (chunk size, total, free)
     segment_bytes: int
@@ -134,6 +135,7 @@ class Segment:
         self.inline_max = int(lib.upipe_inline_max(handle, 0))
         self._get_buffers: list[tuple[Any, Any]] = []
         self._get1_buffers: list[tuple[Any, Any]] = []
+        self._take_buffers: list[tuple[Any, Any, Any]] = []
         self._reattach_callbacks: list[weakref.WeakMethod[Callable[[], None]]] = []
         self.fd_data = int(lib.upipe_fd(handle, 1))
         self.fd_space = int(lib.upipe_fd(handle, 2))
@@ -202,6 +204,7 @@ class Segment:
         self._lock = threading.RLock()
         self._get_buffers = []
         self._get1_buffers = []
+        self._take_buffers = []  # (takes held by the parent stay the parent's)
         self.fd_data = int(lib.upipe_fd(self._h, 1))
         self.fd_space = int(lib.upipe_fd(self._h, 2))
         for ref in self._reattach_callbacks:
@@ -282,19 +285,49 @@ class Segment:
             rc = int(lib.upipe_get(self._h, 0, out, self.inline_max, chunk_out))
             if rc < 0:
                 return rc, 0, b"", None
-            n = rc & 0xFFFFFFFF
-            mlen = (rc >> 32) & 0xFFFF
-            kind = rc >> 48
-            chunk = chunk_out[0]
-            if chunk == NO_CHUNK:
-                raw = ffi.unpack(out, mlen + n)
-                if mlen:
-                    return rc, kind, raw[:mlen], raw[mlen:]
-                return rc, kind, b"", raw
-            meta = ffi.unpack(out, mlen) if mlen else b""
-            return rc, kind, meta, self.lease_view(chunk, n, readonly=True)
+            return self._item(rc, out, chunk_out[0])
         finally:
             self._get1_buffers.append((out, chunk_out))
+
+    def _item(self, rc: int, out: Any, chunk: int) -> tuple[int, int, bytes, Any]:
+        n = rc & 0xFFFFFFFF
+        mlen = (rc >> 32) & 0xFFFF
+        kind = rc >> 48
+        if chunk == NO_CHUNK:
+            raw = ffi.unpack(out, mlen + n)
+            if mlen:
+                return rc, kind, raw[:mlen], raw[mlen:]
+            return rc, kind, b"", raw
+        meta = ffi.unpack(out, mlen) if mlen else b""
+        return rc, kind, meta, self.lease_view(chunk, n, readonly=True)
+
+    def take(self) -> tuple[int, int, bytes, Any, int]:
+        """Take one item and keep its slot until :meth:`ack`: (rc, kind, meta, payload, receipt),
+        as :meth:`get` plus the C receipt. A chunk payload's lease may die before the ack: the
+        C core then frees the chunk at the ack (never earlier: the slot still names it)."""
+        try:
+            out, chunk_out, receipt_out = self._take_buffers.pop()
+        except IndexError:
+            out = ffi.new("char[]", self.inline_max)
+            chunk_out = ffi.new("uint32_t *")
+            receipt_out = ffi.new("uint64_t *")
+        try:
+            rc = int(lib.upipe_take(self._h, 0, out, self.inline_max, chunk_out, receipt_out))
+            if rc < 0:
+                return rc, 0, b"", None, 0
+            rc, kind, meta, payload = self._item(rc, out, chunk_out[0])
+            return rc, kind, meta, payload, int(receipt_out[0])
+        finally:
+            self._take_buffers.append((out, chunk_out, receipt_out))
+
+    def ack(self, receipt: int) -> int:
+        """Release a take's slot: 0, -ENOENT (not an unacked receipt of this attachment) or
+        -ESTALE (recovery had moved the item away)."""
+        return int(lib.upipe_ack(self._h, receipt))
+
+    def nack(self, receipt: int) -> int:
+        """Give a take back to the queue now: 0, -ENOENT, or -ENOBUFS (no room yet: still held)."""
+        return int(lib.upipe_nack(self._h, receipt))
 
     #: Most items one get_many call takes (its buffers are allocated once per thread).
     GET_MANY_MAX = 1024
@@ -489,7 +522,8 @@ class Segment:
             inline_max=int(st.inline_max), aborted_puts=int(st.aborted_puts),
             lost_items=int(st.lost_items), tombstones_skipped=int(st.tombstones_skipped),
             recoveries=int(st.recoveries), reclaimed_chunks=int(st.reclaimed_chunks),
-            lost_leases=int(st.lost_leases), attached_processes=int(st.actors),
+            lost_leases=int(st.lost_leases), redelivered=int(st.redelivered),
+            attached_processes=int(st.actors),
             chunk_classes=classes, segment_bytes=int(st.segment_size),
         )
 
@@ -537,5 +571,6 @@ def layout_offsets() -> dict[str, int]:
 
 
 ENOBUFS, ENOENT, EAGAIN, EPIPE = errno.ENOBUFS, errno.ENOENT, errno.EAGAIN, errno.EPIPE
-EPERM = errno.EPERM
+EPERM, EBUSY, EDQUOT, ESTALE = errno.EPERM, errno.EBUSY, errno.EDQUOT, errno.ESTALE
+MAX_HOLDS = int(lib.UPIPE_MAX_HOLDS)
 EMSGSIZE, EBADMSG, ETIMEDOUT, EINTR = errno.EMSGSIZE, errno.EBADMSG, errno.ETIMEDOUT, errno.EINTR
