@@ -1032,6 +1032,11 @@ int64_t upipe_get_into(struct upipe_getbuf *b)
     return upipe_get_bytes(b->h, b->cap, b->data);
 }
 
+int64_t upipe_take_into(struct upipe_takebuf *b)
+{
+    return upipe_take(b->h, 0, b->data, b->cap, &b->chunk, &b->receipt);
+}
+
 int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
                        uint64_t outcap, uint32_t *ends, uint32_t maxn)
 {

@@ -76,6 +76,17 @@ struct upipe_getbuf {
     char data[];
 };
 int64_t upipe_get_into(struct upipe_getbuf *b);
+/* upipe_take with everything in one argument (cffi converts one pointer): the next item is
+ * taken whatever its shape; an inline item is copied to data (meta first), and the chunk
+ * (UINT32_MAX for an inline item) and the receipt come back in the struct. */
+struct upipe_takebuf {
+    upipe_handle *h;
+    uint32_t cap;     /* bytes at data: at least inline_max */
+    uint32_t chunk;   /* out */
+    uint64_t receipt; /* out */
+    char data[];
+};
+int64_t upipe_take_into(struct upipe_takebuf *b);
 /* The common length of n items given their end offsets, or UINT32_MAX if they differ. */
 uint32_t upipe_uniform_length(const uint32_t *ends, uint32_t n);
 int64_t upipe_alloc(upipe_handle *h, uint64_t nbytes, uint32_t *chunk_out);

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import atexit
+import contextlib
 import ctypes
 import os
 import signal
@@ -285,6 +287,7 @@ class Processor:
         self._reads = False  # it has asked for input: it ends with its input, not at an emit
         self._ended = False
         self._retired = False  # took a Retire: its input has ended for it alone
+        self._held: Any = None  # the receipt of the frame in hand (int token, or a Receipt)
         # This worker's row of counters in the pipe's stats block (a list until joined).
         self._st: Any = [0] * stats.ROW_WORDS
         self._stats: stats.StatsBlock | None = None
@@ -376,6 +379,7 @@ class Processor:
         self.pipe_name = reply.pipe
         self.config = reply.config
         self._install_excepthook()
+        atexit.register(self._ack_held)  # a normal exit: the frame in hand was done
         threading.Thread(target=self._watch_pipe, name="upipe-pipe-watch", daemon=True).start()
 
     def _watch_pipe(self) -> None:
@@ -440,22 +444,63 @@ class Processor:
         assert q is not None  # every joined processor has an input queue
         return q
 
+    # Frames are taken from the input with a receipt and acknowledged when this processor asks
+    # for the next one (or reaches the end, or its worker exits normally): if the worker dies
+    # in between, the queue puts the frame back for a sibling (at-least-once delivery).
+
+    def _poll(self, q: Queue) -> Any:
+        """Ack the frame in hand, then take the next without waiting: a frame or _NOTHING.
+        Raises Closed at the end of the stream."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._ack(q, held)
+        got = q._take_token()
+        if got is None:
+            return _NOTHING
+        data, self._held = got
+        return data
+
+    @staticmethod
+    def _ack(q: Queue, held: Any) -> None:
+        if held.__class__ is int:
+            q._ack_token(held)
+        else:
+            q.ack(held)  # a Receipt, from a take that waited
+
+    def _ack_held(self) -> None:
+        """The frame in hand is done (the end of the stream, or the worker leaving normally)."""
+        held, q = self._held, self._input
+        if held is not None and q is not None:
+            self._held = None
+            with contextlib.suppress(UpipeError):
+                self._ack(q, held)
+
+    def _arrived(self, data: Any) -> Any:
+        """A frame came in: count it, or act on a retire request."""
+        if data.__class__ is Retire:
+            self._ack_held()  # the request itself: consumed
+            return self._retire()
+        self._st[stats.FRAMES_IN] += 1
+        return data
+
+    def _at_end(self) -> None:
+        self._ended = True
+        self._ack_held()
+
     async def get(self) -> Any:
         """The next frame, or None at once if there is none (or the input has ended)."""
         q = self._source()
         if self._retired:
             return None
         try:
-            data = q._try_get()  # no exception for "nothing yet": this is the common case
+            data = self._poll(q)  # no exception for "nothing yet": this is the common case
         except Closed:
-            self._ended = True
+            self._at_end()
             return None
         if data is _NOTHING:
             return None
-        if data.__class__ is Retire:
-            return self._retire()
-        self._st[stats.FRAMES_IN] += 1
-        return data
+        return self._arrived(data)
 
     async def get_sync(self, timeout: float | None = None) -> Any:
         """The next frame, waiting for one (up to ``timeout`` seconds).
@@ -469,22 +514,19 @@ class Processor:
         if self._retired:
             return None
         try:
-            data = q._try_get()
+            data = self._poll(q)
             if data is _NOTHING:
                 t0 = self._wait_begins(stats.GET_WAIT)
                 try:
-                    data = await q.get_async(timeout)
+                    data, self._held = await q.take_async(timeout)
                 finally:
                     self._wait_ends(stats.GET_WAIT, t0)
         except Empty:
             raise TimeoutError(f"processor {self.name!r}: no frame within {timeout} s") from None
         except Closed:
-            self._ended = True
+            self._at_end()
             return None
-        if data.__class__ is Retire:
-            return self._retire()
-        self._st[stats.FRAMES_IN] += 1
-        return data
+        return self._arrived(data)
 
     def get_blocking(self, timeout: float | None = None) -> Any:
         """:meth:`get_sync` for plain code: waits; None at the end of the stream."""
@@ -492,22 +534,19 @@ class Processor:
         if self._retired:
             return None
         try:
-            data = q._try_get()
+            data = self._poll(q)
             if data is _NOTHING:
                 t0 = self._wait_begins(stats.GET_WAIT)
                 try:
-                    data = q.get(True, timeout)
+                    data, self._held = q.take(True, timeout)
                 finally:
                     self._wait_ends(stats.GET_WAIT, t0)
         except Empty:
             raise TimeoutError(f"processor {self.name!r}: no frame within {timeout} s") from None
         except Closed:
-            self._ended = True
+            self._at_end()
             return None
-        if data.__class__ is Retire:
-            return self._retire()
-        self._st[stats.FRAMES_IN] += 1
-        return data
+        return self._arrived(data)
 
     def _wait_begins(self, kind: int) -> int:
         """Publish that a wait began (readers count it while it lasts); its start time."""
@@ -547,16 +586,16 @@ class Processor:
             data = _NOTHING
             if not self._retired:
                 try:
-                    data = q._try_get()
+                    data = self._poll(q)
                 except Closed:
-                    self._ended = True
+                    self._at_end()
                     return
             if data is _NOTHING:
                 data = await self.get_sync()
                 if data is None and self._ended:
                     return
             elif data.__class__ is Retire:
-                self._retire()
+                self._arrived(data)
                 return
             else:
                 st[stats.FRAMES_IN] += 1
@@ -692,6 +731,7 @@ class Processor:
 
     def close(self) -> None:
         """Leave the pipe (workers do this at exit by themselves)."""
+        self._ack_held()
         self._stopping = True
         for q in ([self._input] if self._input else []) + self._outputs:
             q.detach()

@@ -44,6 +44,7 @@ from .segment import (
     ESTALE,
     ETIMEDOUT,
     MAX_HOLDS,
+    NO_CHUNK,
     WAIT_CHUNK,
     WAIT_READABLE,
     WAIT_WRITABLE,
@@ -63,6 +64,7 @@ TOKEN_PREFIX = "upipe-queue:1:"
 
 __all__ = ["Queue", "QueueStatistics", "Receipt"]
 
+_BYTES_NO_META = codec.KIND_BYTES << 16  # rc >> 32 of an item of kind bytes without meta
 _NOTHING: Any = object()  # "no item yet" from Queue._try_get (None is a valid item)
 
 
@@ -371,11 +373,14 @@ class Queue:
             return
         self._put_b, self._get_b = self._seg.bytes_fast_paths()
         self._bufs = []
+        self._take_b, self._ack_b = self._seg.take_fast_paths()
+        self._tbufs: list[tuple[Any, Any]] = []
 
     def _make_unusable(self, reason: Exception) -> None:
         unusable = _Unusable(reason)
-        self._put_b = self._get_b = unusable
+        self._put_b = self._get_b = self._take_b = self._ack_b = unusable
         self._bufs = []
+        self._tbufs = []
         self._seg = unusable  # type: ignore[assignment]
 
     # -- sharing with other processes ---------------------------------------------------------
@@ -575,6 +580,42 @@ class Queue:
                 return got
             if not waited:
                 raise Empty(f"no item within {timeout} s")
+
+    def _take_token(self) -> tuple[Any, int] | None:
+        """:meth:`take` without a wait and without a Receipt object: (item, raw receipt) or
+        None if there is no item yet; ack with :meth:`_ack_token`. The pipe's processors read
+        their input this way (one C call for small bytes)."""
+        tbufs = self._tbufs  # one private buffer per concurrent caller, as get()'s
+        buf, view = tbufs.pop() if tbufs else self._seg.new_take_buffer()
+        try:
+            rc = self._take_b(buf)
+            if rc >= 0:
+                if rc >> 32 == _BYTES_NO_META and buf.chunk == NO_CHUNK:
+                    return view[24:24 + (rc & 0xFFFFFFFF)], buf.receipt  # Segment.TAKE_DATA
+                token = int(buf.receipt)
+                rc, kind, meta, payload = self._seg.taken_item(rc, buf)
+        finally:
+            tbufs.append((buf, view))
+        if rc < 0:
+            if rc == -EPIPE:
+                raise Closed("the queue is closed and drained")
+            if rc == -EDQUOT:
+                raise TooManyTakes(f"this process holds {MAX_HOLDS} unacked takes of this queue")
+            if rc not in (-ENOENT, -EAGAIN):
+                raise UpipeError(f"take failed: {os.strerror(-rc)}")
+            return None
+        try:
+            return codec.decode(kind, meta, payload), token
+        except Exception:
+            self._ack_b(token)  # it cannot be decoded here: consumed, as get() would have
+            raise
+
+    def _ack_token(self, token: int) -> None:
+        """Ack a raw receipt from :meth:`_take_token`. An item recovery already moved away
+        (this process was taken for dead) will come again: nothing to do."""
+        rc = self._ack_b(token)
+        if rc not in (0, -ESTALE):
+            raise UpipeError(f"ack failed: {os.strerror(-rc)}")
 
     def _try_take(self) -> tuple[Any, Receipt] | None:
         """One attempt: (item, receipt), or None if there is no item yet."""

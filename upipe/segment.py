@@ -234,6 +234,35 @@ class Segment:
 
     #: Offset of the payload in a buffer from new_out_buffer (after the handle and capacity).
     OUT_DATA = 16
+    #: Offset of the payload in a buffer from new_take_buffer (handle, cap, chunk, receipt).
+    TAKE_DATA = 24
+
+    def take_fast_paths(self) -> tuple[Callable[[Any], int], Callable[[int], int]]:
+        """The C calls behind :meth:`upipe.Queue` take/ack fast paths: ``take(buf) -> rc``
+        (rc as :meth:`take`'s; buf from :meth:`new_take_buffer` carries the handle, and gets the
+        chunk and receipt back) and ``ack(receipt) -> 0 | -errno`` (handle bound)."""
+        return lib.upipe_take_into, functools.partial(lib.upipe_ack, self._h)
+
+    def new_take_buffer(self) -> tuple[Any, Any]:
+        """(buf, view) for one thread's fast-path take, as :meth:`new_out_buffer`: an inline
+        payload of length n is ``view[TAKE_DATA:TAKE_DATA + n]`` (after meta_len meta bytes)."""
+        raw = ffi.new("char[]", self.TAKE_DATA + self.inline_max)
+        buf = ffi.cast("struct upipe_takebuf *", raw)
+        handle = ffi.cast("upipe_handle *", self._h)
+        lib.upipe_handle_ref(handle)
+        buf.h = handle
+        buf.cap = self.inline_max
+        pid = os.getpid()
+
+        def unref(_buf: Any, raw: Any = raw) -> None:  # raw: the memory lives as long as buf
+            if os.getpid() == pid:
+                lib.upipe_handle_unref(handle)
+
+        return ffi.gc(buf, unref), ffi.buffer(raw)
+
+    def taken_item(self, rc: int, buf: Any) -> tuple[int, int, bytes, Any]:
+        """(rc, kind, meta, payload) of what a fast-path take put in buf, for any shape."""
+        return self._item(rc, buf.data, buf.chunk)
 
     def new_out_buffer(self) -> tuple[Any, Any]:
         """(buf, view): a private buffer for one thread's fast-path get, and a bytes view of it:

@@ -34,6 +34,7 @@ def run_worker(func: Callable[..., Any], name: str, env: dict[str, str]) -> None
         else:
             proc.join_blocking()
             result = func(proc)
+            proc._ack_held()  # it returned: the frame in hand was done
             if isinstance(result, types.CoroutineType):
                 result.close()
                 raise TypeError(f"{func.__qualname__} returned a coroutine: declare it async def")
@@ -48,3 +49,4 @@ def run_worker(func: Callable[..., Any], name: str, env: dict[str, str]) -> None
 async def _run_async(proc: Processor, func: Callable[..., Any]) -> None:
     await proc.join()
     await func(proc)
+    proc._ack_held()  # it returned: the frame in hand was done
