@@ -408,10 +408,11 @@ def test_workers_die_with_a_sigkilled_pipe_script(tmp_path: Path, no_leaks: None
         proc.stdout.close() if proc.stdout else None
 
 
-def test_forkserver_start_method_and_statistics_after_the_end(tmp_path: Path,
-                                                              no_leaks: None) -> None:
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_start_methods_and_statistics_after_the_end(tmp_path: Path, method: str,
+                                                    no_leaks: None) -> None:
     report = str(tmp_path / "r")
-    pipe = Pipe("fs", start_method="forkserver")
+    pipe = Pipe("fs", start_method=method)
     pipe.add(Processor("src", func=pw.count_source, config={"count": 500})).add(
         Processor("sink", func=pw.collect, config={"report": report}))
     run(run_pipe(pipe))

