@@ -482,3 +482,22 @@ def test_async_with_kills_and_cleans_up_after_an_exception(no_leaks: None) -> No
 
     with pytest.raises(RuntimeError, match="the caller's own bug"):
         run(main())
+
+
+def test_terminate_right_after_start_still_processes_what_was_emitted(tmp_path: Path,
+                                                                     no_leaks: None) -> None:
+    """terminate() before the root's worker has even joined: no SIGTERM kills it early; it
+    learns at its join that the pipe is terminating, drains its input and ends."""
+    report = str(tmp_path / "r")
+
+    async def main() -> None:
+        async with Pipe("early") as pipe:
+            pipe.add(Processor("mid", func=pw.plus_one)).add(
+                Processor("sink", func=pw.collect, config={"report": report}))
+            await pipe.start()
+            for i in range(100):
+                await pipe.emit(i.to_bytes(8, "little"))
+            await pipe.terminate()
+
+    run(main())
+    assert seen_by(report, "sink") == list(range(1, 101))

@@ -50,6 +50,7 @@ class JoinReply:
     error: str | None = None  # set when the pipe refuses the join
     stats_rows: int = 0  # the stats block's size (its fd comes after the queues' fds)
     stats_row: int = -1  # this worker's row in it
+    terminating: bool = False  # the pipe is terminating and this is a root: stop at once
 
 
 def peer_uid(sock: socket.socket) -> int:

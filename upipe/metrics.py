@@ -187,8 +187,12 @@ class MetricsServer:
     def close(self) -> None:
         """Stop serving and close the listening socket (idempotent)."""
         if self._thread.is_alive():
-            self._server.shutdown()
-            self._thread.join()
+            # shutdown() waits for a scrape in progress; a scrape waits at most a few seconds
+            # for each pipe's snapshot. The thread is a daemon: never hold an exit up for it.
+            stopper = threading.Thread(target=self._server.shutdown, daemon=True)
+            stopper.start()
+            stopper.join(5)
+            self._thread.join(5)
         self._server.server_close()
 
 

@@ -422,7 +422,8 @@ class Pipe:
         fds.append(self._stats.fd)
         reply = control.JoinReply(self.name, node.name, w.instance, node.proc.config,
                                   shapes[0], shapes[1:], stats_rows=self._stats.rows,
-                                  stats_row=w.row)
+                                  stats_row=w.row,
+                                  terminating=self._terminating and node.is_root)
         control.send_msg(conn, reply, fds)
 
     def _on_control(self, w: _Worker) -> None:
@@ -616,13 +617,17 @@ class Pipe:
         node = self._nodes[processor]
         return node.finished or node.input is None or node.input.closed
 
-    async def scale(self, processor: str, instances: int, reason: str | None = "by hand") -> None:
-        """Run ``instances`` workers of a processor from now on (between 1 and its
-        ``max_instances``). Up: new workers start at once. Down: the pipe puts a retire request
-        in the processor's input for each worker too many; the worker that takes one has no
-        frame in hand, finishes and exits (a busy worker is never killed)."""
+    async def scale(self, processor: str | Processor, instances: int,
+                    reason: str | None = "by hand") -> None:
+        """Run ``instances`` workers of a processor (by name, or the Processor itself) from
+        now on (between its ``min_instances`` and ``max_instances``). Up: new workers start at
+        once. Down: the pipe puts a retire request in the processor's input for each worker too
+        many; the worker that takes one has no frame in hand, finishes and exits (a busy worker
+        is never killed)."""
         if self._state != "running" or self._done is None or self._done.done():
             raise UpipeError(f"pipe {self.name!r} is not running (it is {self._state})")
+        if isinstance(processor, Processor):
+            processor = processor.name
         node = self._nodes.get(processor)
         if node is None:
             raise ValueError(f"pipe {self.name!r} has no processor {processor!r} "
@@ -709,6 +714,11 @@ class Pipe:
                     self._close_input(node)
                     for w in list(node.workers.values()):
                         w.signalled = True
+                        if not w.joined:
+                            # Still starting: SIGTERM could kill it before its handler is in
+                            # place (and the frames already in its input with it). Its join
+                            # reply says "terminating" instead.
+                            continue
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(w.pid, signal.SIGTERM)
             try:
@@ -776,6 +786,11 @@ class Pipe:
                 if lost:
                     log.warning("pipe %s: frames lost with workers that died holding them: %s",
                                 self.name, lost)
+                left = {n: p["queued"] for n, p in self._final.processors.items()
+                        if p.get("queued")}
+                if left and self._error is None:
+                    log.warning("pipe %s: frames left unprocessed in inputs at the end (their "
+                                "processors' workers all exited first): %s", self.name, left)
         for q in self._queues():
             with contextlib.suppress(UpipeError):
                 q.detach()
@@ -849,7 +864,8 @@ class Pipe:
 
     def _running_roots(self) -> list[_Node]:
         if self._state != "running" or self._done is None or self._done.done():
-            raise UpipeError(f"pipe {self.name!r} is not running (it is {self._state}): "
+            state = "ended" if self._state != "new" else "new"
+            raise UpipeError(f"pipe {self.name!r} is not running (it has {state}): "
                              + ("await pipe.start() first" if self._state == "new" else
                                 "start a new Pipe"))
         roots = [n for n in self._nodes.values() if n.is_root]
@@ -884,8 +900,9 @@ class Pipe:
         counters each), ``restarts``, ``finished``, frames ``queued`` in its input and its
         ``capacity``, the counters summed over every worker it ever ran (``frames_in``,
         ``frames_out``, ``bytes_out``, ``get_wait_ns``: time starved, ``emit_wait_ns``: time
-        under back-pressure), and ``lost_frames``: frames a worker had taken and not finished
-        when it died (counted, never silently dropped). Kept after the pipe ends."""
+        under back-pressure; waits in progress count up to now), and ``lost_frames``: items
+        its input queue counted lost (0 in a pipe: processors take frames with a receipt, and
+        a dead worker's frame is redelivered). Kept after the pipe ends."""
         if self._final is not None:
             return self._final
         procs: dict[str, dict[str, Any]] = {}
@@ -906,7 +923,7 @@ class Pipe:
             if node.input is not None:
                 st = node.input.statistics()
                 entry.update(queued=st.qsize, capacity=st.maxsize,
-                             lost_frames=st.lost_items + st.lost_leases)
+                             lost_frames=st.lost_items)  # (lost_items counts leases too)
             procs[name] = entry
         return PipeStatistics(procs, self._discarded)
 

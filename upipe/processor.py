@@ -312,19 +312,19 @@ class Processor:
 
     async def join(self) -> Processor:
         """Connect to the pipe that started this process; afterwards get/emit work."""
-        self._join()
         loop = asyncio.get_running_loop()
-        try:
+        try:  # before connecting: a terminate() from then on is a graceful stop, not a kill
             loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
             pass
+        self._join()
         return self
 
     def join_blocking(self) -> Processor:
         """:meth:`join` for plain (non-async) code."""
-        self._join()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self._on_sigterm())
+        self._join()
         return self
 
     def _join(self) -> None:
@@ -378,6 +378,8 @@ class Processor:
         self.instance = reply.instance
         self.pipe_name = reply.pipe
         self.config = reply.config
+        if reply.terminating or self._stopping:  # the pipe began terminating before we joined
+            self._on_sigterm()
         self._install_excepthook()
         atexit.register(self._ack_held)  # a normal exit: the frame in hand was done
         threading.Thread(target=self._watch_pipe, name="upipe-pipe-watch", daemon=True).start()
