@@ -162,7 +162,7 @@ class Knobs:
     down_slice_s: float = 1.0  # ...under-used: the busiest slice of this length counts
     settle_s: float = 0.5  # data this soon after a change (here or next door) is not evidence
     up_cooldown_s: float = 2.0  # from this processor's last change to its next scale-up
-    down_cooldown_s: float = 8.0  # from this processor's last change to its next scale-down
+    down_cooldown_s: float = 5.0  # from this processor's last change to its next scale-down
     pending_timeout_s: float = 10.0  # stop waiting for a change to take effect after this
     busy_up: float = 0.85  # a bottleneck is at least this busy
     hysteresis: float = 0.15  # scale down only to a count that would be <= busy_up - this
@@ -173,7 +173,7 @@ class Knobs:
     io_bound: float = 0.5  # cost (CPU per busy second) below which a processor is I/O-bound
     cpu_min_gain: float = 0.5  # a new CPU-bound instance needs this much free CPU
     memory_headroom: int = 256 * _MIB  # bytes kept free when adding instances
-    max_step: int = 4  # most instances added at once
+    max_step: int = 8  # most instances added at once
     max_step_down: int = 2  # most instances retired at once (idle: straight to the minimum)
     scale_sources: bool = False  # scale sources too (up when every downstream is starved)
     source_starved: float = 0.5  # ... that is, waits on get at least this much
