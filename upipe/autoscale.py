@@ -63,11 +63,10 @@ Why it decides the way it does (the peers' failures it avoids, in brackets):
   CPU below ``idle_cpu``): straight to ``min_instances``. Input closed (its upstreams
   finished) and drained: straight to ``min_instances``, without cooldown (no frame can come).
 
-A caveat of the counters: a wait is added when it ends, so a worker blocked in ``get`` for the
-whole window shows no wait at all and looks busy. Hence an empty input with no frame taken in
-the window trusts the CPU time instead (``busy = cpu``). With a trickle of frames the waits of
-the last frame are still in progress and ``busy`` reads high: the policy then scales down less
-than it could, never more.
+Waits in progress count: a worker publishes when a wait begins (upipe/stats.py), so a worker
+blocked in ``get`` for a whole window shows the whole window as starved. The idle rule needs no
+cooldown beyond its own evidence (``down_window_s`` without a frame since the last change), so
+a stage scaled down a little as its load stopped still goes to the minimum promptly.
 """
 
 from __future__ import annotations
@@ -502,20 +501,22 @@ def _evaluate(ctx: _Context, p: ProcessorSample) -> _Proposal:
             up_note = reasons[-1]
 
     # -- down: idle, or under-used with room to spare --
+    # idle: its own evidence (down_window_s without a frame since its last change) is the
+    # cooldown; an under-used step taken as the load stopped must not delay it
+    own = ctx.evidence_start(p, neighbours=False)
+    dslices, _ = ctx.slices(k.down_window_s, own, k.down_slice_s)
+    if dslices and not source and n > lo:
+        dw = ctx.window(p.name, dslices[0][0], ctx.last)
+        if dw is not None and dw.frames_in == 0 and dw.empty and dw.cpu < k.idle_cpu:
+            return _Proposal("down", lo, f"idle: no frame in {dw.seconds:.1f} s, input "
+                                         f"empty, CPU {_pct(dw.cpu)}: -{n - lo} ({n} -> {lo})")
     if since_change >= k.down_cooldown_s:
-        own = ctx.evidence_start(p, neighbours=False)
-        dslices, _ = ctx.slices(k.down_window_s, own, k.down_slice_s)
-        if dslices and not source:
-            dw = ctx.window(p.name, dslices[0][0], ctx.last)
-            if dw is not None and dw.frames_in == 0 and dw.empty and dw.cpu < k.idle_cpu \
-                    and n > lo:
-                return _Proposal("down", lo, f"idle: no frame in {dw.seconds:.1f} s, input "
-                                             f"empty, CPU {_pct(dw.cpu)}: -{n - lo} ({n} -> {lo})")
         fresh = max(ctx.evidence_start(p, neighbours=True), ctx.first_frame_ns(p))
         dslices, _ = ctx.slices(k.down_window_s, fresh, k.down_slice_s)
         if dslices and n > lo:
             ws = [x for a, b in dslices if (x := ctx.window(p.name, a, b)) is not None]
-            if ws:
+            stopped = bool(ws) and ws[-1].frames_in == 0 and ws[-1].empty
+            if ws and not stopped:  # stopped: not less load but none; the idle rule decides
                 peak = max(x.busy for x in ws)
                 ceiling = k.busy_up - k.hysteresis
                 fit = max(lo, math.ceil(n * peak / ceiling - 1e-9), n - k.max_step_down)
