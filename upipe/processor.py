@@ -669,15 +669,17 @@ class Processor:
         size = _payload_size(data)
         st = self._st
         if len(outs) == 1:
-            q = outs[0]
-            try:
-                q.put(data, False)  # the common case: room, no wait
-            except Full:
+            t0 = 0
+
+            def begin() -> None:  # called only if the put has to wait (data encoded once)
+                nonlocal t0
                 self._waiting_to_emit = True
                 t0 = self._wait_begins(stats.EMIT_WAIT)
-                try:
-                    await q.put_async(data, timeout)
-                finally:
+
+            try:
+                await outs[0]._put_async(data, timeout, begin)
+            finally:
+                if t0:
                     self._waiting_to_emit = False
                     self._wait_ends(stats.EMIT_WAIT, t0)
         else:

@@ -12,7 +12,7 @@ import math
 import os
 import time
 from array import array
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -943,6 +943,12 @@ class Queue:
         :raises Full: still no room after ``timeout`` seconds.
         :raises Closed: the queue is closed.
         """
+        await self._put_async(obj, timeout, None)
+
+    async def _put_async(self, obj: Any, timeout: float | None,
+                         before_wait: Callable[[], None] | None) -> None:
+        """:meth:`put_async`, calling ``before_wait()`` once if it has to wait (the pipe's
+        processors count their time under back-pressure so, without encoding obj twice)."""
         if obj.__class__ is bytes and len(obj) <= self._inline_max:  # put's fast path
             rc = self._put_b(obj, len(obj))
             if rc == 0:
@@ -957,6 +963,9 @@ class Queue:
                 wait = pending.attempt()
                 if wait is None:
                     return
+                if before_wait is not None:
+                    before_wait()
+                    before_wait = None
                 if not await aio.wait_for_condition(self._seg, wait[0], deadline, wait[1]):
                     last = pending.attempt()
                     if last is None:
