@@ -693,3 +693,41 @@ def test_knobs_are_checked() -> None:
         Knobs(busy_up=0.5, hysteresis=0.5)
     assert Knobs().horizon_s >= Knobs().sustain_s
     assert replace(Knobs(), max_step=2).max_step == 2
+
+
+# -- snapshots recorded from a real pipe ------------------------------------------------------
+
+RECORDED = Path(__file__).resolve().parent / "data" / "autoscale_snapshots_io.json"
+
+
+def load_recorded() -> list[Snapshot]:
+    """tests/data/autoscale_snapshots_io.json, written by tests/record_autoscale_snapshots.py:
+    a real pipe with an I/O-bound middle stage held at 4 of at most 8 instances, its source
+    sending for 12 s and then idle."""
+    import json
+
+    raw = json.loads(RECORDED.read_text())["snapshots"]
+    return [Snapshot(t_ns=s["t_ns"], cpu_budget=s["cpu_budget"],
+                     memory_available=s["memory_available"],
+                     processors={n: ProcessorSample(**{**p, "upstream": tuple(p["upstream"]),
+                                                       "downstream": tuple(p["downstream"])})
+                                 for n, p in s["processors"].items()})
+            for s in raw]
+
+
+def test_recorded_io_bound_stage_is_scaled_up_while_backed_up_then_down_when_idle() -> None:
+    snaps = load_recorded()
+    assert len(snaps) >= 30 and snaps[0].processors["mid"].instances == 4
+    t0 = snaps[0].t_ns
+    moves = [((t - t0) / 1e9, d) for t, d in replay(snaps) if d.kind != "hold"]
+    ups = [(t, d) for t, d in moves if d.kind == "up"]
+    downs = [(t, d) for t, d in moves if d.kind == "down"]
+    assert ups and all(d.processor == "mid" for _, d in ups), moves
+    t_up, first_up = ups[0]
+    assert t_up < 10 and first_up.target > 4 and "busy" in first_up.reason, first_up
+    assert "input" in first_up.reason and "+" in first_up.reason  # with its numbers
+    assert all(d.target <= 8 for _, d in ups), "never above max_instances"
+    # The source idles from ~12 s: the policy brings mid back to its minimum, at most 10 s on.
+    idle = [(t, d) for t, d in downs if d.processor == "mid" and t > 12]
+    assert idle and idle[-1][1].target == 1 and idle[0][0] < 12 + 10, moves
+    assert not [d for _, d in moves if d.processor == "src"], "sources are not scaled"
