@@ -818,6 +818,8 @@ class Autoscaler:
             if d.kind != "hold":
                 self.decisions.append((snap.t_ns, d))
                 log.info("autoscaler: %s %s: %s", d.processor, d.kind, d.reason)
+            else:  # every half second per processor: for when you need to know why not
+                log.debug("autoscaler: %s hold: %s", d.processor, d.reason)
             if d.target != targets.get(d.processor, d.target) and self.pipe.scalable(d.processor):
                 await self.pipe.scale(d.processor, d.target,
                                       reason=None if d.kind == "hold" else d.reason)
