@@ -170,3 +170,10 @@ async def slow_plus_one(proc: Processor) -> None:
     async for data in proc:
         await asyncio.sleep(delay)
         await proc.emit_sync((int.from_bytes(data, "little") + 1).to_bytes(8, "little"))
+
+
+async def slow_doubler(proc: Processor) -> None:
+    """A service that takes config['delay'] seconds per request."""
+    async for x in proc:
+        await asyncio.sleep(proc.config["delay"])
+        await proc.emit_sync(x * 2)

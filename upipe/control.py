@@ -51,6 +51,7 @@ class JoinReply:
     stats_rows: int = 0  # the stats block's size (its fd comes after the queues' fds)
     stats_row: int = -1  # this worker's row in it
     terminating: bool = False  # the pipe is terminating and this is a root: stop at once
+    is_root: bool = False  # a root processor (pipe.emit feeds it; terminate() stops it)
 
 
 def peer_uid(sock: socket.socket) -> int:

@@ -151,6 +151,7 @@ class Pipe:
         self._pending_reply: asyncio.Future[Any] | None = None
         self._request_lock: asyncio.Lock | None = None
         self._discarded = 0
+        self._stale_replies = 0  # replies still due to emit_sync calls that gave up
         self._final: PipeStatistics | None = None  # the last statistics, kept after the end
         self._stats: stats.StatsBlock | None = None
         self._psutil: dict[int, psutil.Process] = {}  # one per worker pid (CPU times are deltas)
@@ -330,20 +331,41 @@ class Pipe:
             control.ENV_INSTANCE: str(instance),
             "UPIPE_PIPE_PID": str(os.getpid()),
         }
-        proc = node.proc
         handle: Any
+        assert self._stats is not None
+        row = self._stats.claim(0, node.index, instance, time.monotonic_ns())  # may raise: first
+        # A Ctrl-C in the terminal must not kill a worker before it ignores SIGINT (it is the
+        # pipe's to handle): the child starts with SIGINT blocked and unblocks it once ignored.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            handle = self._start_worker(node, instance, env)
+        except BaseException:
+            self._stats.release(row)
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        pid = handle.pid
+        self._stats.set_pid(row, pid)
+        w = _Worker(node, instance, handle, pid)
+        w.row = row
+        node.workers[instance] = w
+        self._by_pid[pid] = w
+        w.pidfd = os.pidfd_open(pid)  # our child (or the fork server's): not reaped before this
+        self._loop.add_reader(w.pidfd, self._on_exit, w)
+
+    def _start_worker(self, node: _Node, instance: int, env: dict[str, str]) -> Any:
+        proc = node.proc
         if proc.entry is not None:
-            handle = subprocess.Popen(
+            return subprocess.Popen(
                 [sys.executable, proc.entry], env={**os.environ, **env}, process_group=0,
                 close_fds=True,
             )
-            pid = handle.pid
         else:
             ctx: Any = multiprocessing.get_context(self.start_method)
             if self.start_method == "forkserver":
                 # Takes effect when this process's fork server starts: its workers then fork
                 # with upipe (and numpy) already imported, a fraction of a cold start.
-                ctx.set_forkserver_preload(["upipe"])
+                ctx.set_forkserver_preload(["upipe", "upipe._forkserver"])
             handle = ctx.Process(
                 target=worker.run_worker, args=(proc.func, node.name, env),
                 name=f"upipe:{self.name}:{node.name}:{instance}",
@@ -352,17 +374,7 @@ class Pipe:
             # The pipe reaps its workers itself; multiprocessing's exit hook must not wait for
             # them (it would wait forever for workers that only die when this process does).
             multiprocessing.process._children.discard(handle)  # type: ignore[attr-defined]
-            pid = handle.pid
-        w = _Worker(node, instance, handle, pid)
-        assert self._stats is not None
-        w.row = self._stats.claim(pid, node.index, instance, time.monotonic_ns())
-        node.workers[instance] = w
-        self._by_pid[pid] = w
-        try:
-            w.pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:  # already gone and reaped: impossible for our child
-            raise
-        self._loop.add_reader(w.pidfd, self._on_exit, w)
+            return handle
 
     # -- control plane ------------------------------------------------------------------------
 
@@ -423,7 +435,8 @@ class Pipe:
         reply = control.JoinReply(self.name, node.name, w.instance, node.proc.config,
                                   shapes[0], shapes[1:], stats_rows=self._stats.rows,
                                   stats_row=w.row,
-                                  terminating=self._terminating and node.is_root)
+                                  terminating=self._terminating and node.is_root,
+                                  is_root=node.is_root)
         control.send_msg(conn, reply, fds)
 
     def _on_control(self, w: _Worker) -> None:
@@ -482,7 +495,7 @@ class Pipe:
         node.workers.pop(w.instance, None)
         self._by_pid.pop(w.pid, None)
         if self._stats is not None:
-            row = self._stats.read(w.row)
+            row = self._stats.read(w.row, time.monotonic_ns())  # a wait cut short counts too
             for key in _COUNTERS:
                 node.retired[key] = node.retired.get(key, 0) + row[key]
             self._stats.set_state(w.row, stats.EXITED)
@@ -493,7 +506,9 @@ class Pipe:
                 f"processor {node.name!r} (instance {w.instance}, pid {w.pid}) raised an "
                 "exception", node.name, w.pid, w.error, rc))
             return
-        if w.retired and rc == 0:
+        if w.retired and rc != 0:  # killed after it took its retire request: not restarted
+            self._repair()
+        if w.retired:
             node.retiring = max(0, node.retiring - 1)
             log.info("pipe %s: processor %r instance %d (pid %d) retired", self.name, node.name,
                      w.instance, w.pid)
@@ -528,7 +543,7 @@ class Pipe:
             self._errors.append(f"{node.name}[{w.instance}] pid {w.pid} {how}: restarted")
             try:
                 self._spawn(node, w.instance)
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - no fork, no fds, stats table full
                 self._fail(ProcessorError(f"processor {node.name!r}: cannot restart a worker: "
                                           f"{exc}", node.name, w.pid, None, rc))
             return
@@ -641,10 +656,13 @@ class Pipe:
         if reason is not None:  # None: keep the reason of the last change
             node.reason = reason
         running = len(node.workers) - node.retiring
-        if instances > running:
+        # Workers whose retire request waits behind queued frames are still running: never
+        # more than max_instances processes at once.
+        room = top - len(node.workers)
+        if instances > running and room > 0:
             log.info("pipe %s: %r %d -> %d instances (%s)", self.name, processor, running,
                      instances, node.reason)
-            for _ in range(instances - running):
+            for _ in range(min(instances - running, room)):
                 free = next(i for i in range(len(node.workers) + 1) if i not in node.workers)
                 self._spawn(node, free)
         elif instances < running and node.input is not None and not node.finished:
@@ -710,7 +728,9 @@ class Pipe:
         if not self._done.done():
             self._terminating = True
             for node in self._nodes.values():
-                if node.is_root:
+                # A root that is also downstream of others ends when they do (_maybe_finished):
+                # its input stays open while they may still emit into it.
+                if node.is_root and all(u.finished for u in node.upstream):
                     self._close_input(node)
                     for w in list(node.workers.values()):
                         w.signalled = True
@@ -856,11 +876,17 @@ class Pipe:
         async with self._request_lock:
             fut: asyncio.Future[Any] = self._loop.create_future()
             self._pending_reply = fut
+            emitted = False
             try:
                 await self.emit(data, timeout)
+                emitted = True
                 return await asyncio.wait_for(asyncio.shield(fut), timeout)
             finally:
                 self._pending_reply = None
+                if emitted and not fut.done():
+                    # Timed out or cancelled: its reply may still come; it must not be taken
+                    # for the next request's.
+                    self._stale_replies += 1
 
     def _running_roots(self) -> list[_Node]:
         if self._state != "running" or self._done is None or self._done.done():
@@ -888,7 +914,10 @@ class Pipe:
                     fut.set_exception(UpipeError(f"pipe {self.name!r} ended before a reply"))
                 return
             fut = self._pending_reply
-            if fut is not None and not fut.done():
+            if self._stale_replies:
+                self._stale_replies -= 1  # the late reply of a request that gave up
+                self._discarded += 1
+            elif fut is not None and not fut.done():
                 fut.set_result(item)
             else:
                 self._discarded += 1

@@ -284,6 +284,9 @@ class Processor:
         self._ctrl: socket.socket | None = None
         self._ctrl_lock = threading.Lock()
         self._stopping = False  # the pipe is terminating and this processor is a source
+        self._term_requested = False  # a SIGTERM came (perhaps before the join)
+        self._is_root = False  # known at the join
+        self._leaving = False  # close() was called: the control connection ends on purpose
         self._waiting_to_emit = False
         self._reads = False  # it has asked for input: it ends with its input, not at an emit
         self._ended = False
@@ -354,6 +357,7 @@ class Processor:
         _set_parent_death_signal(parent)
         try:  # Ctrl-C in the terminal is the pipe's to handle (it stops us gracefully)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # started blocked
         except ValueError:  # not the main thread
             pass
         sock, reply, fds = control.connect(address, self.name, instance)
@@ -379,7 +383,8 @@ class Processor:
         self.instance = reply.instance
         self.pipe_name = reply.pipe
         self.config = reply.config
-        if reply.terminating or self._stopping:  # the pipe began terminating before we joined
+        self._is_root = reply.is_root
+        if reply.terminating or self._term_requested:  # terminating began before we joined
             self._on_sigterm()
         self._install_excepthook()
         atexit.register(self._ack_held)  # a normal exit: the frame in hand was done
@@ -394,7 +399,7 @@ class Processor:
                 pass
         except OSError:
             pass
-        if not self._stopping:
+        if not self._leaving:  # not our own close(): the pipe is gone
             os._exit(70)
 
     def _install_excepthook(self) -> None:
@@ -419,17 +424,16 @@ class Processor:
             pass
 
     def _on_sigterm(self) -> None:
-        """The pipe is terminating and this processor is a root: stop at a frame boundary.
-
-        Its input is closed, so a processor that reads ends with its input as usual (every frame
-        it took is finished and emitted). A pure generator (it never asked for input) ends, with
-        exit status 0, at its next emit, or now if it is waiting to emit."""
+        """SIGTERM: the pipe is terminating. Only a root acts on it (others end with their
+        input, which the pipe closes in order; a SIGTERM sent to every process, as systemd does,
+        must not close inputs that upstreams still feed). A root stops at a frame boundary: one
+        that reads ends with its input (which the pipe closes); a pure generator (it never
+        asked for input) ends, with exit status 0, at its next emit, or now if it is waiting to
+        emit. Before the join it is only noted."""
+        self._term_requested = True
+        if not self._is_root:
+            return
         self._stopping = True
-        if self._input is not None:
-            try:
-                self._input.close()  # nothing more comes in; what is queued still drains
-            except UpipeError:
-                pass
         if self._waiting_to_emit and not self._reads:
             raise SystemExit(0)
 
@@ -588,16 +592,26 @@ class Processor:
     async def _aiter(self) -> AsyncIterator[Any]:
         q = self._source()
         st = self._st
+        ack_b, take = q._ack_b, q._take_token
         while True:
             # The next frame without an await when one is there (most of the time under load);
-            # else get_sync's wait.
+            # else get_sync's wait. (_poll, inlined: this loop is most of a stage's overhead.)
             data = _NOTHING
             if not self._retired:
+                held = self._held
+                if held is not None:
+                    self._held = None
+                    if held.__class__ is not int:
+                        q.ack(held)
+                    elif (rc := ack_b(held)) and rc != -errno.ESTALE:
+                        raise UpipeError(f"ack failed: {os.strerror(-rc)}")
                 try:
-                    data = self._poll(q)
+                    got = take()
                 except Closed:
                     self._at_end()
                     return
+                if got is not None:
+                    data, self._held = got
             if data is _NOTHING:
                 data = await self.get_sync()
                 if data is None and self._ended:
@@ -742,7 +756,7 @@ class Processor:
     def close(self) -> None:
         """Leave the pipe (workers do this at exit by themselves)."""
         self._ack_held()
-        self._stopping = True
+        self._stopping = self._leaving = True
         for q in ([self._input] if self._input else []) + self._outputs:
             q.detach()
         self._input, self._outputs = None, []

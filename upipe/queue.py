@@ -587,14 +587,18 @@ class Queue:
         their input this way (one C call for small bytes)."""
         tbufs = self._tbufs  # one private buffer per concurrent caller, as get()'s
         buf, view = tbufs.pop() if tbufs else self._seg.new_take_buffer()
-        try:
-            rc = self._take_b(buf)
-            if rc >= 0:
-                if rc >> 32 == _BYTES_NO_META and buf.chunk == NO_CHUNK:
-                    return view[24:24 + (rc & 0xFFFFFFFF)], buf.receipt  # Segment.TAKE_DATA
+        rc = self._take_b(buf)  # a C call: it does not raise
+        if rc >= 0 and rc >> 32 == _BYTES_NO_META and buf.chunk == NO_CHUNK:
+            got = view[24:24 + (rc & 0xFFFFFFFF)], buf.receipt  # Segment.TAKE_DATA
+            tbufs.append((buf, view))
+            return got
+        if rc >= 0:
+            try:
                 token = int(buf.receipt)
                 rc, kind, meta, payload = self._seg.taken_item(rc, buf)
-        finally:
+            finally:
+                tbufs.append((buf, view))
+        else:
             tbufs.append((buf, view))
         if rc < 0:
             if rc == -EPIPE:

@@ -98,6 +98,13 @@ class StatsBlock:
                 return i
         raise RuntimeError(f"the pipe's stats table is full ({self.rows} workers)")
 
+    def set_pid(self, index: int, pid: int) -> None:
+        self.words[index * ROW_WORDS + PID] = pid
+
+    def release(self, index: int) -> None:
+        """A row claimed for a worker that never started."""
+        self.words[index * ROW_WORDS + STATE] = FREE
+
     def set_state(self, index: int, state: int) -> None:
         self.words[index * ROW_WORDS + STATE] = state
 

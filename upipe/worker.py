@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import signal
 import sys
 import traceback
 import types
@@ -22,6 +23,9 @@ __all__ = ["run_worker"]
 
 def run_worker(func: Callable[..., Any], name: str, env: dict[str, str]) -> None:
     """The body of a ``func=`` worker process (spawn/forkserver): join, then run func."""
+    # Ctrl-C is the pipe's: ignore it, then take it out of the mask the pipe started us with.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     os.environ.update(env)
     try:
         os.setpgid(0, 0)  # Ctrl-C in the terminal reaches the pipe, which stops us in order
