@@ -208,8 +208,15 @@ def run_top(args: list[str], until: Callable[[str], bool], finish: Callable[[int
     try:
         screen = read_screen(master, until, 45)
         finish(master, proc)
-        rc = proc.wait(20)
-        tail = drain_terminal(master)
+        # Keep reading the terminal while top exits: its last redraws and the restore
+        # sequences must not fill the pty's buffer (a full buffer blocks top's writes and its
+        # tcsetattr(TCSADRAIN), and it would never exit).
+        tail = b""
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline:
+            tail += drain_terminal(master)
+        rc = proc.wait(1)
+        tail += drain_terminal(master)
         restored = termios.tcgetattr(slave) == modes
     finally:
         if proc.poll() is None:

@@ -557,3 +557,32 @@ def test_scale_never_runs_more_than_max_instances(no_leaks: None) -> None:
             return counts
 
     assert max(run(main())) <= 3
+
+
+def test_a_silent_connection_does_not_hold_the_pipe_up(no_leaks: None) -> None:
+    """A same-uid process that connects to the control socket and says nothing: the pipe's
+    loop goes on (it used to wait up to 5 s for the hello), and the connection is dropped."""
+    import socket as socketmod
+
+    from upipe import control
+
+    async def main() -> tuple[float, int]:
+        async with Pipe("silent", autoscaler=False) as pipe:
+            pipe.add(Processor("src", func=pw.endless_source)).add(
+                Processor("mid", func=pw.plus_one, restarts=2))
+            await pipe.start()
+            await until(lambda: any(w.joined for w in pipe._nodes["mid"].workers.values()))
+            silent = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
+            silent.connect(control.sockaddr(pipe._address))
+            try:
+                await asyncio.sleep(0.05)  # the pipe accepts it meanwhile
+                (w,) = pipe._nodes["mid"].workers.values()
+                os.kill(w.pid, signal.SIGKILL)
+                t0 = time.monotonic()
+                await until(lambda: pipe._nodes["mid"].restarts_used == 1, timeout=4.0)
+                return time.monotonic() - t0, len(pipe._hellos)
+            finally:
+                silent.close()
+
+    noticed, waiting = run(main())
+    assert noticed < 4.0 and waiting == 1  # the silent one was still waiting, not blocking

@@ -46,7 +46,18 @@ log = logging.getLogger("upipe.pipe")
 DEFAULT_OUTPUT_SIZE = 256
 _COUNTERS = ("frames_in", "frames_out", "bytes_out", "get_wait_ns", "emit_wait_ns")
 TERMINATE_TIMEOUT = 30.0  # seconds terminate() lets in-flight frames finish before it kills
-HANDSHAKE_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = 5.0  # seconds a connection has to say who it is
+MAX_HELLO = 64 << 10  # bytes: a hello is a few dozen
+
+
+@dataclass(eq=False)
+class _Hello:
+    """A connection that has not said who it is yet."""
+
+    conn: socket.socket
+    pid: int
+    buf: bytearray = field(default_factory=bytearray)
+    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -152,6 +163,7 @@ class Pipe:
         self._request_lock: asyncio.Lock | None = None
         self._discarded = 0
         self._stale_replies = 0  # replies still due to emit_sync calls that gave up
+        self._hellos: set[_Hello] = set()  # connections that have not said who they are
         self._final: PipeStatistics | None = None  # the last statistics, kept after the end
         self._stats: stats.StatsBlock | None = None
         self._psutil: dict[int, psutil.Process] = {}  # one per worker pid (CPU times are deltas)
@@ -379,6 +391,9 @@ class Pipe:
     # -- control plane ------------------------------------------------------------------------
 
     def _accept(self) -> None:
+        """A connection: a worker joining, or a monitor asking for a snapshot. Its first
+        message is read without blocking the loop (a reader, a size cap and one deadline), so
+        a silent or slow peer cannot hold supervision up."""
         assert self._listener is not None and self._loop is not None
         try:
             conn, _ = self._listener.accept()
@@ -391,28 +406,77 @@ class Pipe:
             if uid != os.getuid():  # an abstract socket has no permissions: check the peer
                 conn.close()
                 return
-            conn.settimeout(HANDSHAKE_TIMEOUT)
-            hello, _ = control.recv_msg(conn)
-            if isinstance(hello, dict) and hello.get("request") == "snapshot":
-                control.send_msg(conn, self.snapshot())  # a monitor (upipe status / top)
-                conn.close()
-                return
-            w = self._by_pid.get(pid)
-            name = hello.get("processor") if isinstance(hello, dict) else None
-            if w is None or w.joined or name != w.node.name:
-                why = (f"process {pid} was not started by pipe {self.name!r}" if w is None
-                       else f"processor {w.node.name!r}'s worker already joined" if w.joined
-                       else f"this process was started as processor {w.node.name!r}, not "
-                            f"{name!r}")
-                control.send_msg(conn, control.JoinReply(self.name, str(name), -1, None, None,
-                                                         error=f"join refused: {why}"))
-                conn.close()
-                return
-            self._send_join_reply(conn, w)
-        except Exception as exc:  # noqa: BLE001 - a bad peer must not take the supervisor down
-            log.warning("pipe %s: a worker's join failed: %s", self.name, exc)
+            conn.setblocking(False)
+        except OSError:
             conn.close()
             return
+        hello = _Hello(conn, pid)
+        hello.timer = self._loop.call_later(HANDSHAKE_TIMEOUT, self._drop_hello, hello)
+        self._hellos.add(hello)
+        self._loop.add_reader(conn.fileno(), self._on_hello, hello)
+
+    def _drop_hello(self, hello: _Hello) -> None:
+        assert self._loop is not None
+        if hello in self._hellos:
+            self._hellos.discard(hello)
+            self._loop.remove_reader(hello.conn.fileno())
+            if hello.timer is not None:
+                hello.timer.cancel()
+            hello.conn.close()
+
+    def _on_hello(self, hello: _Hello) -> None:
+        conn = hello.conn
+        try:
+            data = conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_hello(hello)
+            return
+        hello.buf += data
+        if len(hello.buf) < 4:
+            return
+        n = int.from_bytes(hello.buf[:4], "little")
+        if n > MAX_HELLO:
+            log.warning("pipe %s: refused a %d-byte hello from pid %d", self.name, n, hello.pid)
+            self._drop_hello(hello)
+            return
+        if len(hello.buf) < 4 + n:
+            return
+        payload = bytes(hello.buf[4:4 + n])
+        assert self._loop is not None
+        self._hellos.discard(hello)
+        self._loop.remove_reader(conn.fileno())
+        if hello.timer is not None:
+            hello.timer.cancel()
+        try:
+            msg = pickle.loads(payload)  # a same-uid peer (checked); JSON would be safer still
+            conn.settimeout(HANDSHAKE_TIMEOUT)  # the reply: a small local write
+            self._answer_hello(conn, hello.pid, msg)
+        except Exception as exc:  # noqa: BLE001 - a bad peer must not take the supervisor down
+            log.warning("pipe %s: a join failed: %s", self.name, exc)
+            conn.close()
+
+    def _answer_hello(self, conn: socket.socket, pid: int, hello: Any) -> None:
+        assert self._loop is not None
+        if isinstance(hello, dict) and hello.get("request") == "snapshot":
+            control.send_msg(conn, self.snapshot())  # a monitor (upipe status / top)
+            conn.close()
+            return
+        w = self._by_pid.get(pid)
+        name = hello.get("processor") if isinstance(hello, dict) else None
+        if w is None or w.joined or name != w.node.name:
+            why = (f"process {pid} was not started by pipe {self.name!r}" if w is None
+                   else f"processor {w.node.name!r}'s worker already joined" if w.joined
+                   else f"this process was started as processor {w.node.name!r}, not "
+                        f"{name!r}")
+            control.send_msg(conn, control.JoinReply(self.name, str(name), -1, None, None,
+                                                     error=f"join refused: {why}"))
+            conn.close()
+            return
+        self._send_join_reply(conn, w)
         conn.setblocking(False)
         w.conn = conn
         w.joined = True
@@ -793,6 +857,8 @@ class Pipe:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        for hello in list(self._hellos):
+            self._drop_hello(hello)
         if self._listener is not None:
             if loop is not None:
                 loop.remove_reader(self._listener.fileno())
