@@ -955,6 +955,30 @@ static int64_t empty_result(upipe_handle *h, struct upipe_ring *r, int closed_be
     return -EPIPE;
 }
 
+/* Copy a claimed slot's item out to a consumer: an inline item (meta, then payload) into out;
+ * for a chunk item its meta, and the chunk becomes this process's (flags, then owner: the
+ * owner store, a release, comes before the caller lets the slot go). Returns the encoded
+ * kind << 48 | meta_len << 32 | len that upipe_get and upipe_take return. */
+static int64_t copy_out(upipe_handle *h, const struct upipe_slot *s, char *out,
+                        uint32_t *chunk_out, uint32_t chunk_flags)
+{
+    uint32_t len = s->len, meta_len = s->meta_len;
+    uint16_t kind = s->kind;
+    uint64_t desc = s->desc;
+    if (desc == UPIPE_DESC_INLINE) {
+        memcpy(out, s->data, (size_t)meta_len + len);
+        *chunk_out = UINT32_MAX;
+    } else {
+        uint32_t c = (uint32_t)(desc - 1);
+        if (meta_len)
+            memcpy(out, s->data, meta_len);
+        UPIPE_STORE_RELAXED(&chunk_hdr(h, c)->flags, chunk_flags);
+        UPIPE_STORE_RELEASE(&chunk_hdr(h, c)->owner, h->tag);
+        *chunk_out = c;
+    }
+    return (int64_t)(((uint64_t)kind << 48) | ((uint64_t)meta_len << 32) | len);
+}
+
 int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
                   uint32_t *chunk_out)
 {
@@ -983,24 +1007,11 @@ int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
             released_signal(h, r);
             continue;
         }
-        uint32_t len = s->len, meta_len = s->meta_len;
-        uint16_t kind = s->kind;
-        uint64_t desc = s->desc;
-        if (desc == UPIPE_DESC_INLINE) {
-            memcpy(out, s->data, (size_t)meta_len + len);
-            *chunk_out = UINT32_MAX;
-        } else {
-            uint32_t c = (uint32_t)(desc - 1);
-            if (meta_len)
-                memcpy(out, s->data, meta_len);
-            UPIPE_STORE_RELAXED(&chunk_hdr(h, c)->flags, UPIPE_CHUNK_RECEIVED);
-            UPIPE_STORE_RELEASE(&chunk_hdr(h, c)->owner, h->tag); /* before the slot lets go */
-            *chunk_out = c;
-        }
+        int64_t item = copy_out(h, s, out, chunk_out, UPIPE_CHUNK_RECEIVED);
         upipe_ring_release(r, p);
         rec_put(h, rec);
         released_signal(h, r);
-        return (int64_t)(((uint64_t)kind << 48) | ((uint64_t)meta_len << 32) | len);
+        return item;
     }
 }
 
@@ -1144,21 +1155,8 @@ int64_t upipe_take(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
             released_signal(h, r);
             continue;
         }
-        uint32_t len = s->len, meta_len = s->meta_len;
-        uint16_t kind = s->kind;
-        uint64_t desc = s->desc;
-        if (desc == UPIPE_DESC_INLINE) {
-            memcpy(out, s->data, (size_t)meta_len + len);
-            *chunk_out = UINT32_MAX;
-        } else {
-            uint32_t c = (uint32_t)(desc - 1);
-            if (meta_len)
-                memcpy(out, s->data, meta_len);
-            /* The slot keeps naming the chunk until the ack: HELD keeps it out of free/put. */
-            UPIPE_STORE_RELAXED(&chunk_hdr(h, c)->flags, UPIPE_CHUNK_RECEIVED | UPIPE_CHUNK_HELD);
-            UPIPE_STORE_RELEASE(&chunk_hdr(h, c)->owner, h->tag);
-            *chunk_out = c;
-        }
+        /* The slot keeps naming a chunk until the ack: HELD keeps it out of free/put. */
+        int64_t item = copy_out(h, s, out, chunk_out, UPIPE_CHUNK_RECEIVED | UPIPE_CHUNK_HELD);
         /* No release, no rec_put: the slot and the journal entry stay ours until the ack. */
         uint32_t idx = (uint32_t)(rec - h->actor->recs);
         uint64_t serial = atomic_fetch_add_explicit(&h->hold_serial, 1, memory_order_relaxed) + 1;
@@ -1166,7 +1164,7 @@ int64_t upipe_take(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
         UPIPE_STORE_RELAXED(&h->hold_thread[idx], this_thread());
         UPIPE_STORE_RELEASE(&h->hold_tok[idx], receipt);
         *receipt_out = receipt;
-        return (int64_t)(((uint64_t)kind << 48) | ((uint64_t)meta_len << 32) | len);
+        return item;
     }
 }
 

@@ -343,7 +343,6 @@ class Pipe:
             control.ENV_INSTANCE: str(instance),
             "UPIPE_PIPE_PID": str(os.getpid()),
         }
-        handle: Any
         assert self._stats is not None
         row = self._stats.claim(0, node.index, instance, time.monotonic_ns())  # may raise: first
         # A Ctrl-C in the terminal must not kill a worker before it ignores SIGINT (it is the

@@ -592,26 +592,16 @@ class Processor:
     async def _aiter(self) -> AsyncIterator[Any]:
         q = self._source()
         st = self._st
-        ack_b, take = q._ack_b, q._take_token
         while True:
             # The next frame without an await when one is there (most of the time under load);
-            # else get_sync's wait. (_poll, inlined: this loop is most of a stage's overhead.)
+            # else get_sync's wait.
             data = _NOTHING
             if not self._retired:
-                held = self._held
-                if held is not None:
-                    self._held = None
-                    if held.__class__ is not int:
-                        q.ack(held)
-                    elif (rc := ack_b(held)) and rc != -errno.ESTALE:
-                        raise UpipeError(f"ack failed: {os.strerror(-rc)}")
                 try:
-                    got = take()
+                    data = self._poll(q)
                 except Closed:
                     self._at_end()
                     return
-                if got is not None:
-                    data, self._held = got
             if data is _NOTHING:
                 data = await self.get_sync()
                 if data is None and self._ended:

@@ -604,7 +604,10 @@ class Queue:
             if rc == -EPIPE:
                 raise Closed("the queue is closed and drained")
             if rc == -EDQUOT:
-                raise TooManyTakes(f"this process holds {MAX_HOLDS} unacked takes of this queue")
+                raise TooManyTakes(
+                    f"this process holds {MAX_HOLDS} unacked takes of this queue: ack() some "
+                    "before taking more"
+                )
             if rc not in (-ENOENT, -EAGAIN):
                 raise UpipeError(f"take failed: {os.strerror(-rc)}")
             return None
@@ -612,6 +615,9 @@ class Queue:
             return codec.decode(kind, meta, payload), token
         except Exception:
             self._ack_b(token)  # it cannot be decoded here: consumed, as get() would have
+            raise
+        except BaseException:
+            self._seg.nack(token)  # interrupted (Ctrl-C): give it back (if no room, detach will)
             raise
 
     def _ack_token(self, token: int) -> None:
@@ -623,30 +629,8 @@ class Queue:
 
     def _try_take(self) -> tuple[Any, Receipt] | None:
         """One attempt: (item, receipt), or None if there is no item yet."""
-        seg = self._seg
-        rc, kind, meta, payload, token = seg.take()
-        if rc < 0:
-            if rc == -EPIPE:
-                raise Closed("the queue is closed and drained")
-            if rc == -EDQUOT:
-                raise TooManyTakes(
-                    f"this process holds {MAX_HOLDS} unacked takes of this queue: ack() some "
-                    "before taking more"
-                )
-            if rc not in (-ENOENT, -EAGAIN):
-                raise UpipeError(f"take failed: {os.strerror(-rc)}")
-            return None
-        receipt = Receipt(seg, token)
-        if kind == codec.KIND_BYTES and payload.__class__ is bytes:
-            return payload, receipt
-        try:
-            return codec.decode(kind, meta, payload), receipt
-        except Exception:
-            seg.ack(token)  # it cannot be decoded here: consumed, as get() would have
-            raise
-        except BaseException:
-            seg.nack(token)  # interrupted (Ctrl-C): give it back (if no room, detach will)
-            raise
+        got = self._take_token()
+        return None if got is None else (got[0], Receipt(self._seg, got[1]))
 
     async def take_async(self, timeout: float | None = None) -> tuple[Any, Receipt]:
         """:meth:`take`, waiting on the event loop. Cancel-safe: a cancelled take took nothing.

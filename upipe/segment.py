@@ -135,7 +135,6 @@ class Segment:
         self.inline_max = int(lib.upipe_inline_max(handle, 0))
         self._get_buffers: list[tuple[Any, Any]] = []
         self._get1_buffers: list[tuple[Any, Any]] = []
-        self._take_buffers: list[tuple[Any, Any, Any]] = []
         self._reattach_callbacks: list[weakref.WeakMethod[Callable[[], None]]] = []
         self.fd_data = int(lib.upipe_fd(handle, 1))
         self.fd_space = int(lib.upipe_fd(handle, 2))
@@ -204,7 +203,6 @@ class Segment:
         self._lock = threading.RLock()
         self._get_buffers = []
         self._get1_buffers = []
-        self._take_buffers = []  # (takes held by the parent stay the parent's)
         self.fd_data = int(lib.upipe_fd(self._h, 1))
         self.fd_space = int(lib.upipe_fd(self._h, 2))
         for ref in self._reattach_callbacks:
@@ -329,25 +327,6 @@ class Segment:
             return rc, kind, b"", raw
         meta = ffi.unpack(out, mlen) if mlen else b""
         return rc, kind, meta, self.lease_view(chunk, n, readonly=True)
-
-    def take(self) -> tuple[int, int, bytes, Any, int]:
-        """Take one item and keep its slot until :meth:`ack`: (rc, kind, meta, payload, receipt),
-        as :meth:`get` plus the C receipt. A chunk payload's lease may die before the ack: the
-        C core then frees the chunk at the ack (never earlier: the slot still names it)."""
-        try:
-            out, chunk_out, receipt_out = self._take_buffers.pop()
-        except IndexError:
-            out = ffi.new("char[]", self.inline_max)
-            chunk_out = ffi.new("uint32_t *")
-            receipt_out = ffi.new("uint64_t *")
-        try:
-            rc = int(lib.upipe_take(self._h, 0, out, self.inline_max, chunk_out, receipt_out))
-            if rc < 0:
-                return rc, 0, b"", None, 0
-            rc, kind, meta, payload = self._item(rc, out, chunk_out[0])
-            return rc, kind, meta, payload, int(receipt_out[0])
-        finally:
-            self._take_buffers.append((out, chunk_out, receipt_out))
 
     def ack(self, receipt: int) -> int:
         """Release a take's slot: 0, -ENOENT (not an unacked receipt of this attachment) or
