@@ -3,10 +3,12 @@
  * the queue operations, waiting, and crash recovery.
  *
  * Facts this file depends on:
- * - A chunk always has exactly one holder, named by chunk.owner: its class's free ring (FREE), a
+ * - A chunk has exactly one holder, named by chunk.owner: its class's free ring (FREE), a
  *   published data-ring slot (QUEUED), or one attached process (its actor tag). Operations move a
- *   chunk between holders; nothing ever copies a reference, so nothing needs a refcount and a dead
- *   holder's chunks are exactly those whose owner is its tag.
+ *   chunk between holders, so a dead holder's chunks are exactly those whose owner is its tag.
+ *   The one exception is a chunk a producer fans out to several rings (upipe_put_shared): it
+ *   becomes SHARED, held by a set of actors and a set of ring slots, one bit each (struct
+ *   upipe_chunk), and is freed by whoever clears the last bit (shared_maybe_free).
  * - Every claim of ring positions is preceded by a journal entry (struct upipe_rec) naming the
  *   ring and positions, and the entry is cleared only after the slots are published / released.
  *   So a claimed-but-unfinished slot always has a journal entry naming it, in a live or a dead
@@ -50,7 +52,9 @@
 struct upipe_handle {
     uint8_t *base;
     uint64_t size;
-    int fds[3]; /* memfd, efd_data, efd_space; owned by the handle */
+    int fds[UPIPE_MAX_FDS]; /* memfd, then data ring i's eventfds: 1 + 2i data, 2 + 2i space;
+                             * owned by the handle */
+    uint32_t nfds;
     struct upipe_header *hdr;
     struct upipe_actor *actor;
     uint32_t actor_index;
@@ -362,7 +366,8 @@ static upipe_handle *handle_new(uint8_t *base, uint64_t size)
     h->base = base;
     h->size = size;
     h->hdr = (struct upipe_header *)base;
-    h->fds[0] = h->fds[1] = h->fds[2] = -1;
+    for (uint32_t i = 0; i < UPIPE_MAX_FDS; i++)
+        h->fds[i] = -1;
     atomic_init(&h->refs, 1);
     h->spin_ns = DEFAULT_SPIN_NS;
     return h;
@@ -370,7 +375,7 @@ static upipe_handle *handle_new(uint8_t *base, uint64_t size)
 
 static void handle_destroy(upipe_handle *h)
 {
-    for (int i = 0; i < 3; i++)
+    for (uint32_t i = 0; i < UPIPE_MAX_FDS; i++)
         if (h->fds[i] >= 0)
             close(h->fds[i]);
     if (h->base)
@@ -413,12 +418,14 @@ int upipe_create(const struct upipe_config *cfg, upipe_handle **out)
         return -ENOMEM;
     }
     h->fds[0] = fd;
-    h->fds[1] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    h->fds[2] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (h->fds[1] < 0 || h->fds[2] < 0) {
-        rc = -errno;
-        handle_destroy(h);
-        return rc;
+    h->nfds = 1 + 2 * cfg->ndata_rings;
+    for (uint32_t i = 1; i < h->nfds; i++) {
+        h->fds[i] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (h->fds[i] < 0) {
+            rc = -errno;
+            handle_destroy(h);
+            return rc;
+        }
     }
 
     struct upipe_header *hdr = h->hdr;
@@ -439,10 +446,13 @@ int upipe_create(const struct upipe_config *cfg, upipe_handle **out)
         hdr->ring_off[i] = pl.ring_off[i];
         struct upipe_ring *r = ring_at(h, i);
         upipe_ring_init(r, cfg->capacity, cfg->slot_size, i, 0);
-        if (cfg->limit && cfg->limit < cfg->capacity)
-            r->limit = cfg->limit;
-        r->not_empty.efd_index = 0;
-        r->not_full.efd_index = 1;
+        uint64_t limit = cfg->ring_limit[i] ? cfg->ring_limit[i] : cfg->limit;
+        if (limit && limit < cfg->capacity)
+            r->limit = limit;
+        /* Each ring its own pair of eventfds: a waiter on one ring of a shared segment is
+         * never woken (or, worse, robbed of its wakeup) by another ring's traffic. */
+        r->not_empty.efd_index = 2 * i;
+        r->not_full.efd_index = 2 * i + 1;
     }
     uint32_t first = 0;
     for (uint32_t i = 0; i < cfg->nclasses; i++) {
@@ -480,6 +490,13 @@ int upipe_create(const struct upipe_config *cfg, upipe_handle **out)
 }
 
 int upipe_attach(int memfd, int efd_data, int efd_space, int64_t timeout_ns, upipe_handle **out)
+{
+    int efds[2] = {efd_data, efd_space};
+    return upipe_attach_fds(memfd, efds, 2, timeout_ns, out);
+}
+
+int upipe_attach_fds(int memfd, const int *efds, uint32_t nefds, int64_t timeout_ns,
+                     upipe_handle **out)
 {
     struct stat st;
     if (fstat(memfd, &st) != 0)
@@ -520,9 +537,13 @@ int upipe_attach(int memfd, int efd_data, int efd_space, int64_t timeout_ns, upi
         rc = -EPROTONOSUPPORT;
         goto fail;
     }
-    int src[3] = {memfd, efd_data, efd_space};
-    for (int i = 0; i < 3; i++) {
-        h->fds[i] = fcntl(src[i], F_DUPFD_CLOEXEC, 3);
+    if (nefds != 2 * hdr->ndata_rings) {
+        rc = -EINVAL; /* two eventfds per data ring, as upipe_fd numbers them */
+        goto fail;
+    }
+    h->nfds = 1 + nefds;
+    for (uint32_t i = 0; i < h->nfds; i++) {
+        h->fds[i] = fcntl(i == 0 ? memfd : efds[i - 1], F_DUPFD_CLOEXEC, 3);
         if (h->fds[i] < 0) {
             rc = -errno;
             goto fail;
@@ -545,6 +566,7 @@ void upipe_handle_ref(upipe_handle *h)
 
 static int free_chunk_from(upipe_handle *h, uint32_t c, uint32_t expected_owner);
 static int give_back_all(upipe_handle *h);
+static int shared_unhold(upipe_handle *h, uint32_t c, uint32_t index);
 
 /* Hand back every chunk this process holds, except those an unacked take still names. */
 static int free_own_chunks(upipe_handle *h)
@@ -552,8 +574,10 @@ static int free_own_chunks(upipe_handle *h)
     int freed = 0;
     for (uint32_t c = 0; c < h->hdr->total_chunks; c++) {
         struct upipe_chunk *ch = chunk_hdr(h, c);
-        if (UPIPE_LOAD_RELAXED(&ch->owner) == h->tag &&
-            !(UPIPE_LOAD_ACQUIRE(&ch->flags) & UPIPE_CHUNK_HELD))
+        uint32_t owner = UPIPE_LOAD_ACQUIRE(&ch->owner);
+        if (owner == UPIPE_OWNER_SHARED)
+            freed += shared_unhold(h, c, h->actor_index) == 0;
+        else if (owner == h->tag && !(UPIPE_LOAD_ACQUIRE(&ch->flags) & UPIPE_CHUNK_HELD))
             freed += free_chunk_from(h, c, h->tag) == 0;
     }
     return freed;
@@ -596,7 +620,17 @@ int upipe_detach_now(upipe_handle *h)
 
 int upipe_fd(upipe_handle *h, int which)
 {
-    return (which < 0 || which > 2) ? -EINVAL : h->fds[which];
+    return (which < 0 || (uint32_t)which >= h->nfds) ? -EINVAL : h->fds[which];
+}
+
+int upipe_nfds(upipe_handle *h)
+{
+    return (int)h->nfds;
+}
+
+uint32_t upipe_ndata_rings(upipe_handle *h)
+{
+    return h->hdr->ndata_rings;
 }
 
 uint8_t *upipe_base(upipe_handle *h)
@@ -659,11 +693,32 @@ int upipe_class_for(upipe_handle *h, uint64_t nbytes)
     return -EMSGSIZE;
 }
 
+static inline uint64_t actor_bit(uint32_t index)
+{
+    return 1ULL << index;
+}
+
+static inline uint32_t tag_index(uint32_t tag)
+{
+    return (tag & 0xFFu) - 1;
+}
+
 int upipe_chunk_held(upipe_handle *h, uint32_t c)
+{
+    if (c >= h->hdr->total_chunks || !h->actor)
+        return 0;
+    struct upipe_chunk *ch = chunk_hdr(h, c);
+    uint32_t owner = UPIPE_LOAD_ACQUIRE(&ch->owner);
+    if (owner == UPIPE_OWNER_SHARED)
+        return (UPIPE_LOAD_ACQUIRE(&ch->holders) & actor_bit(h->actor_index)) != 0;
+    return owner == h->tag;
+}
+
+int upipe_chunk_shared(upipe_handle *h, uint32_t c)
 {
     if (c >= h->hdr->total_chunks)
         return 0;
-    return UPIPE_LOAD_ACQUIRE(&chunk_hdr(h, c)->owner) == h->tag;
+    return UPIPE_LOAD_ACQUIRE(&chunk_hdr(h, c)->owner) == UPIPE_OWNER_SHARED;
 }
 
 /* Put chunk c, held by expected_owner, back into its class's free ring. */
@@ -696,12 +751,77 @@ static int free_chunk_from(upipe_handle *h, uint32_t c, uint32_t expected_owner)
     return 0;
 }
 
+/*
+ * Shared chunks (docs/design.md, "Shared chunks").
+ *
+ * A holder bit is set only by an actor that already holds a reference through another bit
+ * (the producer's own bit while it queues the chunk; a ring's bit while its consumer takes the
+ * slot), before that other bit is cleared. So holders | rings never goes to zero while anyone
+ * may still use the chunk, and once it is zero it stays zero for this incarnation. Whoever
+ * clears a bit then looks (all seq_cst: of two clearers racing, at least one sees both words
+ * zero), and the CAS on share (LIVE -> FREEING + its index) picks one freer per incarnation;
+ * the incarnation number in share keeps a late clearer of an earlier incarnation from freeing
+ * a later one.
+ */
+static void shared_maybe_free(upipe_handle *h, uint32_t c)
+{
+    struct upipe_chunk *ch = chunk_hdr(h, c);
+    uint64_t sh = UPIPE_LOAD_SEQCST(&ch->share); /* before the bits: see above */
+    if (UPIPE_SHARE_STATE(sh) != UPIPE_SHARE_LIVE)
+        return;
+    if (UPIPE_LOAD_SEQCST(&ch->holders) | UPIPE_LOAD_SEQCST(&ch->rings))
+        return;
+    uint64_t freeing = (sh & ~0xFFULL) | (UPIPE_SHARE_FREEING + h->actor_index);
+    if (!UPIPE_CAS(&ch->share, &sh, freeing))
+        return; /* another clearer frees it, or it is another incarnation already */
+    /* Ours to free. A death from here on: recovery sees FREEING + our index (owner still
+     * SHARED) or our tag as owner, and frees it either way. */
+    UPIPE_STORE_RELAXED(&ch->flags, 0);
+    UPIPE_STORE_RELEASE(&ch->owner, h->tag);
+    free_chunk_from(h, c, h->tag);
+}
+
+/* Drop actor index's reference to shared chunk c; 0, or -EPERM if it held none. */
+static int shared_unhold(upipe_handle *h, uint32_t c, uint32_t index)
+{
+    uint64_t bit = actor_bit(index);
+    if (!(UPIPE_FETCH_AND(&chunk_hdr(h, c)->holders, ~bit) & bit))
+        return -EPERM;
+    shared_maybe_free(h, c);
+    return 0;
+}
+
+/* A consumer takes over ring ri's reference: holder bit first, then the ring's bit (so the
+ * chunk is never without a reference), then the caller releases the slot. */
+static void shared_consume(upipe_handle *h, uint32_t c, uint32_t index, uint32_t ri)
+{
+    struct upipe_chunk *ch = chunk_hdr(h, c);
+    UPIPE_FETCH_OR(&ch->holders, actor_bit(index));
+    UPIPE_FETCH_AND(&ch->rings, ~actor_bit(ri));
+}
+
+/* The producer's chunk becomes shared, held by the producer alone. The owner store comes
+ * last: until then a death leaves an ordinary chunk of the dead actor, swept as such. */
+static void share_chunk(upipe_handle *h, uint32_t c)
+{
+    struct upipe_chunk *ch = chunk_hdr(h, c);
+    uint64_t incarnation = (UPIPE_LOAD_RELAXED(&ch->share) >> 8) + 1;
+    UPIPE_STORE_SEQCST(&ch->rings, 0);
+    UPIPE_STORE_SEQCST(&ch->holders, actor_bit(h->actor_index));
+    UPIPE_STORE_SEQCST(&ch->share, (incarnation << 8) | UPIPE_SHARE_LIVE);
+    UPIPE_STORE_RELAXED(&ch->flags, 0);
+    UPIPE_STORE_RELEASE(&ch->owner, UPIPE_OWNER_SHARED);
+}
+
 int upipe_free(upipe_handle *h, uint32_t chunk)
 {
     if (chunk >= h->hdr->total_chunks)
         return -EINVAL;
     struct upipe_chunk *ch = chunk_hdr(h, chunk);
-    if (UPIPE_LOAD_ACQUIRE(&ch->owner) != h->tag)
+    uint32_t owner = UPIPE_LOAD_ACQUIRE(&ch->owner);
+    if (owner == UPIPE_OWNER_SHARED && h->actor)
+        return shared_unhold(h, chunk, h->actor_index);
+    if (owner != h->tag)
         return -EPERM;
     /* One RMW decides between this free and an ack in another thread (which clears HELD with
      * one RMW too): whichever comes second returns the chunk, exactly once. */
@@ -889,6 +1009,73 @@ int64_t upipe_put_chunk(upipe_handle *h, uint32_t ring, uint32_t chunk, uint32_t
     return 0;
 }
 
+int upipe_put_shared(upipe_handle *h, uint64_t rings, uint32_t chunk, uint32_t len,
+                     uint16_t kind, const char *meta, uint16_t meta_len, uint64_t *done_out,
+                     uint64_t *closed_out)
+{
+    *done_out = *closed_out = 0;
+    uint32_t nr = h->hdr->ndata_rings;
+    if (kind == UPIPE_KIND_TOMBSTONE || chunk >= h->hdr->total_chunks || rings == 0 ||
+        (nr < 64 && (rings >> nr) != 0) || !h->actor)
+        return -EINVAL;
+    if ((uint64_t)len > (uint64_t)upipe_chunk_size(h, chunk))
+        return -EMSGSIZE;
+    for (uint32_t i = 0; i < nr; i++)
+        if ((rings & actor_bit(i)) && meta_len > ring_at(h, i)->inline_max)
+            return -EMSGSIZE;
+    struct upipe_chunk *ch = chunk_hdr(h, chunk);
+    uint32_t owner = UPIPE_LOAD_ACQUIRE(&ch->owner);
+    if (owner == h->tag) {
+        if (UPIPE_LOAD_ACQUIRE(&ch->flags) & UPIPE_CHUNK_HELD)
+            return -EBUSY; /* an unacked take's slot still names it */
+        share_chunk(h, chunk);
+    } else if (owner != UPIPE_OWNER_SHARED ||
+               !(UPIPE_LOAD_ACQUIRE(&ch->holders) & actor_bit(h->actor_index))) {
+        return -EPERM;
+    }
+    if (UPIPE_LOAD_SEQCST(&ch->rings) & rings)
+        return -EBUSY; /* already in one of these rings: one slot per ring (one bit) */
+    for (uint32_t i = 0; i < nr; i++) {
+        uint64_t bit = actor_bit(i);
+        if (!(rings & bit))
+            continue;
+        struct upipe_ring *r = ring_at(h, i);
+        if (UPIPE_LOAD_ACQUIRE(&r->closed)) {
+            *closed_out |= bit;
+            continue;
+        }
+        struct upipe_rec *rec = rec_get(h, UPIPE_OP_PUT, i);
+        uint64_t p;
+        if (upipe_ring_claim_prod(r, 1, UPIPE_RING_BULK, rec, &p) == 0) {
+            rec_put(h, rec);
+            if (UPIPE_LOAD_ACQUIRE(&r->closed))
+                *closed_out |= bit;
+            continue; /* no room: the caller waits and tries this ring again */
+        }
+        if (UPIPE_LOAD_SEQCST(&r->closed)) {
+            write_tombstone(r, p);
+            rec_put(h, rec);
+            ec_signal(h, &r->not_empty);
+            *closed_out |= bit;
+            continue;
+        }
+        struct upipe_slot *s = upipe_ring_slot(r, p);
+        UPIPE_SLOT_SET(s, desc, (uint64_t)chunk + 1);
+        s->len = len;
+        UPIPE_SLOT_SET(s, kind, kind);
+        UPIPE_SLOT_SET(s, meta_len, meta_len);
+        if (meta_len)
+            memcpy(s->data, meta, meta_len);
+        UPIPE_STORE_RELEASE(&s->stamp, p); /* R2: the put is complete */
+        UPIPE_FETCH_OR(&ch->rings, bit);   /* the slot's reference, before anyone can see it */
+        UPIPE_STORE_RELEASE(&s->seq, p + 1); /* R0 */
+        rec_put(h, rec);
+        ec_signal(h, &r->not_empty);
+        *done_out |= bit;
+    }
+    return 0;
+}
+
 static void maybe_recover_busy(upipe_handle *h)
 {
     int64_t now = upipe_now_ns();
@@ -960,7 +1147,7 @@ static int64_t empty_result(upipe_handle *h, struct upipe_ring *r, int closed_be
  * owner store, a release, comes before the caller lets the slot go). Returns the encoded
  * kind << 48 | meta_len << 32 | len that upipe_get and upipe_take return. */
 static int64_t copy_out(upipe_handle *h, const struct upipe_slot *s, char *out,
-                        uint32_t *chunk_out, uint32_t chunk_flags)
+                        uint32_t *chunk_out, uint32_t chunk_flags, int *shared)
 {
     uint32_t len = s->len, meta_len = s->meta_len;
     uint16_t kind = s->kind;
@@ -972,8 +1159,15 @@ static int64_t copy_out(upipe_handle *h, const struct upipe_slot *s, char *out,
         uint32_t c = (uint32_t)(desc - 1);
         if (meta_len)
             memcpy(out, s->data, meta_len);
-        UPIPE_STORE_RELAXED(&chunk_hdr(h, c)->flags, chunk_flags);
-        UPIPE_STORE_RELEASE(&chunk_hdr(h, c)->owner, h->tag);
+        struct upipe_chunk *ch = chunk_hdr(h, c);
+        if (UPIPE_LOAD_ACQUIRE(&ch->owner) == UPIPE_OWNER_SHARED) {
+            /* One more holder; the slot keeps its reference until released (get) or acked. */
+            UPIPE_FETCH_OR(&ch->holders, actor_bit(h->actor_index));
+            *shared = 1;
+        } else {
+            UPIPE_STORE_RELAXED(&ch->flags, chunk_flags);
+            UPIPE_STORE_RELEASE(&ch->owner, h->tag);
+        }
         *chunk_out = c;
     }
     return (int64_t)(((uint64_t)kind << 48) | ((uint64_t)meta_len << 32) | len);
@@ -1007,7 +1201,10 @@ int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
             released_signal(h, r);
             continue;
         }
-        int64_t item = copy_out(h, s, out, chunk_out, UPIPE_CHUNK_RECEIVED);
+        int shared = 0;
+        int64_t item = copy_out(h, s, out, chunk_out, UPIPE_CHUNK_RECEIVED, &shared);
+        if (shared) /* the ring's reference goes before its slot does */
+            UPIPE_FETCH_AND(&chunk_hdr(h, *chunk_out)->rings, ~actor_bit(ring));
         upipe_ring_release(r, p);
         rec_put(h, rec);
         released_signal(h, r);
@@ -1015,15 +1212,15 @@ int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
     }
 }
 
-int64_t upipe_put_bytes(upipe_handle *h, const char *data, uint32_t len)
+int64_t upipe_put_bytes(upipe_handle *h, uint32_t ring, const char *data, uint32_t len)
 {
-    return upipe_put(h, 0, data, len, UPIPE_KIND_BYTES, NULL, 0);
+    return upipe_put(h, ring, data, len, UPIPE_KIND_BYTES, NULL, 0);
 }
 
-int64_t upipe_get_bytes(upipe_handle *h, uint32_t outcap, char *out)
+int64_t upipe_get_bytes(upipe_handle *h, uint32_t ring, uint32_t outcap, char *out)
 {
     uint32_t end;
-    int64_t rc = upipe_get_many(h, 0, UPIPE_KIND_BYTES, out, outcap, &end, 1);
+    int64_t rc = upipe_get_many(h, ring, UPIPE_KIND_BYTES, out, outcap, &end, 1);
     return rc == 1 ? (int64_t)end : rc;
 }
 
@@ -1040,12 +1237,12 @@ uint32_t upipe_uniform_length(const uint32_t *ends, uint32_t n)
 
 int64_t upipe_get_into(struct upipe_getbuf *b)
 {
-    return upipe_get_bytes(b->h, b->cap, b->data);
+    return upipe_get_bytes(b->h, b->ring, b->cap, b->data);
 }
 
 int64_t upipe_take_into(struct upipe_takebuf *b)
 {
-    return upipe_take(b->h, 0, b->data, b->cap, &b->chunk, &b->receipt);
+    return upipe_take(b->h, b->ring, b->data, b->cap, &b->chunk, &b->receipt);
 }
 
 int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
@@ -1156,7 +1353,9 @@ int64_t upipe_take(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
             continue;
         }
         /* The slot keeps naming a chunk until the ack: HELD keeps it out of free/put. */
-        int64_t item = copy_out(h, s, out, chunk_out, UPIPE_CHUNK_RECEIVED | UPIPE_CHUNK_HELD);
+        int shared = 0;
+        int64_t item =
+            copy_out(h, s, out, chunk_out, UPIPE_CHUNK_RECEIVED | UPIPE_CHUNK_HELD, &shared);
         /* No release, no rec_put: the slot and the journal entry stay ours until the ack. */
         uint32_t idx = (uint32_t)(rec - h->actor->recs);
         uint64_t serial = atomic_fetch_add_explicit(&h->hold_serial, 1, memory_order_relaxed) + 1;
@@ -1186,6 +1385,35 @@ static void hold_done(upipe_handle *h, struct upipe_rec *rec)
     atomic_fetch_sub_explicit(&h->nholds, 1, memory_order_relaxed);
 }
 
+/*
+ * The ack of a take whose chunk is shared: the slot's reference to the chunk goes (its ring's
+ * bit), then the slot. Journaled as ACK first, so a death in between is finished by recovery,
+ * never undone (undoing would redeliver an item whose ring bit is gone). Our own holder bit
+ * is set for the duration (we may have dropped our views already), so the chunk cannot be
+ * freed and reused under a recovery that finishes this ack.
+ */
+static int ack_shared(upipe_handle *h, struct upipe_rec *rec, struct upipe_ring *r, uint64_t q,
+                      uint32_t c)
+{
+    struct upipe_chunk *ch = chunk_hdr(h, c);
+    struct upipe_slot *s = upipe_ring_slot(r, q);
+    uint64_t me = actor_bit(h->actor_index);
+    if (UPIPE_LOAD_SEQCST(&s->seq) != q + 1) {
+        hold_done(h, rec); /* moved away by a recovery that judged us dead */
+        return -ESTALE;
+    }
+    UPIPE_STORE_SEQCST(&rec->op, UPIPE_OP_ACK);
+    uint64_t had = UPIPE_FETCH_OR(&ch->holders, me) & me;
+    UPIPE_FETCH_AND(&ch->rings, ~actor_bit(r->index));
+    uint64_t held = q + 1;
+    int ok = UPIPE_CAS(&s->seq, &held, q + r->capacity); /* R1 */
+    if (!had)
+        shared_unhold(h, c, h->actor_index);
+    hold_done(h, rec);
+    released_signal(h, r);
+    return ok ? 0 : -ESTALE;
+}
+
 int upipe_ack(upipe_handle *h, uint64_t receipt)
 {
     struct upipe_rec *rec = hold_claim(h, receipt);
@@ -1197,6 +1425,9 @@ int upipe_ack(upipe_handle *h, uint64_t receipt)
     struct upipe_slot *s = upipe_ring_slot(r, q);
     uint64_t desc = UPIPE_SLOT_PEEK(s, desc); /* read before the slot is let go */
     uint64_t held = q + 1;
+    if (desc != UPIPE_DESC_INLINE && desc - 1 < h->hdr->total_chunks &&
+        UPIPE_LOAD_ACQUIRE(&chunk_hdr(h, (uint32_t)(desc - 1))->owner) == UPIPE_OWNER_SHARED)
+        return ack_shared(h, rec, r, q, (uint32_t)(desc - 1));
     /* R1, as a CAS: should recovery ever have moved the item away (it judged us dead), the
      * slot is not ours to release any more. */
     int ok = UPIPE_CAS(&s->seq, &held, q + r->capacity);
@@ -1256,6 +1487,8 @@ static void chunk_requeue(upipe_handle *h, struct upipe_slot *s)
         desc - 1 >= h->hdr->total_chunks)
         return;
     struct upipe_chunk *ch = chunk_hdr(h, (uint32_t)(desc - 1));
+    if (UPIPE_LOAD_ACQUIRE(&ch->owner) == UPIPE_OWNER_SHARED)
+        return; /* the ring's bit moves with the slot; its holders keep theirs */
     UPIPE_STORE_RELAXED(&ch->flags, 0);
     UPIPE_STORE_RELEASE(&ch->owner, UPIPE_OWNER_QUEUED);
 }
@@ -1616,7 +1849,7 @@ int upipe_debug_abandon(upipe_handle *h, uint32_t ring, int what)
 
 /* Journal ops that claim at head, and at tail. */
 #define OPS_PRODUCER ((1u << UPIPE_OP_PUT) | (1u << UPIPE_OP_REDELIVER))
-#define OPS_CONSUMER ((1u << UPIPE_OP_TAKE) | (1u << UPIPE_OP_HOLD))
+#define OPS_CONSUMER ((1u << UPIPE_OP_TAKE) | (1u << UPIPE_OP_HOLD) | (1u << UPIPE_OP_ACK))
 
 /* Is position q of ring ri named, by an op in ops, in the journal of an actor we believe alive
  * (alive != NULL), or of any actor whose entry is in use (alive == NULL)? */
@@ -1653,8 +1886,14 @@ static void repair_put(upipe_handle *h, const uint8_t *alive, uint32_t ri, uint6
     if (UPIPE_LOAD_ACQUIRE(&s->stamp) == q) { /* A2: complete, so the put happened */
         if (s->desc != UPIPE_DESC_INLINE) {
             uint32_t c = (uint32_t)(s->desc - 1);
-            uint32_t owner = (r->flags & UPIPE_RING_FREELIST) ? UPIPE_OWNER_FREE : UPIPE_OWNER_QUEUED;
-            UPIPE_STORE_RELEASE(&chunk_hdr(h, c)->owner, owner);
+            struct upipe_chunk *ch = chunk_hdr(h, c);
+            if (UPIPE_LOAD_ACQUIRE(&ch->owner) == UPIPE_OWNER_SHARED) {
+                UPIPE_FETCH_OR(&ch->rings, actor_bit(ri)); /* idempotent: it may have done it */
+            } else {
+                uint32_t owner =
+                    (r->flags & UPIPE_RING_FREELIST) ? UPIPE_OWNER_FREE : UPIPE_OWNER_QUEUED;
+                UPIPE_STORE_RELEASE(&ch->owner, owner);
+            }
         }
         UPIPE_STORE_RELEASE(&s->seq, q + 1);
     } else {
@@ -1682,8 +1921,13 @@ static void repair_take(upipe_handle *h, const uint8_t *alive, uint32_t ri, uint
     if (s->desc != UPIPE_DESC_INLINE && s->kind != UPIPE_KIND_TOMBSTONE) {
         /* Give the chunk to the dead actor; the sweep below hands it back to its pool. */
         uint32_t c = (uint32_t)(s->desc - 1);
-        UPIPE_STORE_RELAXED(&chunk_hdr(h, c)->flags, is_item ? UPIPE_CHUNK_RECEIVED : 0);
-        UPIPE_STORE_RELEASE(&chunk_hdr(h, c)->owner, dead_tag);
+        if (is_item && UPIPE_LOAD_ACQUIRE(&chunk_hdr(h, c)->owner) == UPIPE_OWNER_SHARED) {
+            shared_consume(h, c, tag_index(dead_tag), ri); /* the sweep drops its bit */
+            UPIPE_FETCH_ADD(&h->hdr->lost_leases, 1);
+        } else {
+            UPIPE_STORE_RELAXED(&chunk_hdr(h, c)->flags, is_item ? UPIPE_CHUNK_RECEIVED : 0);
+            UPIPE_STORE_RELEASE(&chunk_hdr(h, c)->owner, dead_tag);
+        }
     } else if (is_item) {
         UPIPE_FETCH_ADD(&r->lost_items, 1); /* an inline item it took and never returned */
     }
@@ -1749,6 +1993,22 @@ static int repair_hold(upipe_handle *h, const uint8_t *alive, uint32_t ri, uint6
     return redeliver(h, ri, q, NO_CUT) == MOVE_DONE;
 }
 
+/* A process died acking a take of a shared chunk (ack_shared): finish the ack. Its holder bit
+ * (set again here, idempotent) keeps the chunk's incarnation from changing under us; the
+ * sweep drops it. */
+static void repair_ack(upipe_handle *h, uint32_t ri, uint64_t q, uint32_t index)
+{
+    struct upipe_ring *r = ring_at(h, ri);
+    struct upipe_slot *s = upipe_ring_slot(r, q);
+    if (UPIPE_LOAD_SEQCST(&s->seq) != q + 1)
+        return; /* released: the ack got that far, its bits were done before */
+    uint64_t desc = UPIPE_SLOT_PEEK(s, desc);
+    if (desc != UPIPE_DESC_INLINE && desc - 1 < h->hdr->total_chunks)
+        shared_consume(h, (uint32_t)(desc - 1), index, ri);
+    upipe_ring_release(r, q);
+    released_signal(h, r);
+}
+
 /* Pass 3: puts and gets, chunks, the table entry. With takes still waiting for room (pending),
  * the chunks those name (HELD) and the entry itself stay until a later recovery. */
 static void recover_actor(upipe_handle *h, const uint8_t *alive, uint32_t index, int pending)
@@ -1760,6 +2020,11 @@ static void recover_actor(upipe_handle *h, const uint8_t *alive, uint32_t index,
         struct upipe_rec *rec = &a->recs[j];
         uint32_t op = UPIPE_LOAD_SEQCST(&rec->op);
         uint32_t ri = UPIPE_LOAD_SEQCST(&rec->ring);
+        if (op == UPIPE_OP_ACK && ri < h->hdr->ndata_rings) {
+            repair_ack(h, ri, UPIPE_LOAD_SEQCST(&rec->pos), index);
+            UPIPE_STORE_RELAXED(&rec->op, UPIPE_OP_NONE);
+            continue;
+        }
         if ((op != UPIPE_OP_PUT && op != UPIPE_OP_TAKE) || ri >= nrings)
             continue;
         uint64_t pos = UPIPE_LOAD_SEQCST(&rec->pos), n = UPIPE_LOAD_SEQCST(&rec->n);
@@ -1775,7 +2040,21 @@ static void recover_actor(upipe_handle *h, const uint8_t *alive, uint32_t index,
      * whose ack was under way (the hold itself was moved, giving the chunk to the queue). */
     for (uint32_t c = 0; c < h->hdr->total_chunks; c++) {
         struct upipe_chunk *ch = chunk_hdr(h, c);
-        if (UPIPE_LOAD_ACQUIRE(&ch->owner) != dead_tag)
+        uint32_t owner = UPIPE_LOAD_ACQUIRE(&ch->owner);
+        if (owner == UPIPE_OWNER_SHARED) {
+            uint64_t sh = UPIPE_LOAD_SEQCST(&ch->share);
+            if (UPIPE_SHARE_STATE(sh) == UPIPE_SHARE_FREEING + index) {
+                /* It won the right to free it and died: free it as its own chunk. */
+                UPIPE_STORE_RELEASE(&ch->owner, dead_tag);
+                UPIPE_FETCH_ADD(&h->hdr->reclaimed_chunks, 1);
+                free_chunk_from(h, c, dead_tag);
+            } else if (UPIPE_LOAD_SEQCST(&ch->holders) & actor_bit(index)) {
+                UPIPE_FETCH_ADD(&h->hdr->reclaimed_chunks, 1);
+                shared_unhold(h, c, index); /* freed if it was the last reference */
+            }
+            continue;
+        }
+        if (owner != dead_tag)
             continue;
         uint32_t flags = UPIPE_LOAD_RELAXED(&ch->flags);
         if (pending && (flags & UPIPE_CHUNK_HELD))

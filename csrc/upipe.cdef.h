@@ -8,6 +8,7 @@
 #define UPIPE_MAX_ACTORS ...
 #define UPIPE_KIND_TOMBSTONE ...
 #define UPIPE_SLOT_HEADER ...
+#define UPIPE_MAX_FDS ...
 
 typedef struct upipe_handle upipe_handle;
 
@@ -20,6 +21,7 @@ struct upipe_config {
     uint64_t limit;
     uint64_t chunk_size[8];
     uint32_t nchunks[8];
+    uint64_t ring_limit[64];
 };
 
 struct upipe_stats {
@@ -39,11 +41,15 @@ int upipe_abi_version(void);
 int64_t upipe_segment_size(const struct upipe_config *cfg);
 int upipe_create(const struct upipe_config *cfg, upipe_handle **out);
 int upipe_attach(int memfd, int efd_data, int efd_space, int64_t timeout_ns, upipe_handle **out);
+int upipe_attach_fds(int memfd, const int *efds, uint32_t nefds, int64_t timeout_ns,
+                     upipe_handle **out);
 void upipe_handle_ref(upipe_handle *h);
 void upipe_handle_unref(upipe_handle *h);
 /* Leave the process table now (exit without finalizers); returns chunks handed back. */
 int upipe_detach_now(upipe_handle *h);
 int upipe_fd(upipe_handle *h, int which);
+int upipe_nfds(upipe_handle *h);
+uint32_t upipe_ndata_rings(upipe_handle *h);
 uint8_t *upipe_base(upipe_handle *h);
 uint32_t upipe_inline_max(upipe_handle *h, uint32_t ring);
 int upipe_set_spin(upipe_handle *h, int64_t spin_ns);
@@ -54,6 +60,9 @@ int64_t upipe_put_many(upipe_handle *h, uint32_t ring, const char *data, const u
                        uint32_t n, uint16_t kind);
 int64_t upipe_put_chunk(upipe_handle *h, uint32_t ring, uint32_t chunk, uint32_t len,
                         uint16_t kind, const char *meta, uint16_t meta_len);
+int upipe_put_shared(upipe_handle *h, uint64_t rings, uint32_t chunk, uint32_t len,
+                     uint16_t kind, const char *meta, uint16_t meta_len, uint64_t *done_out,
+                     uint64_t *closed_out);
 int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
                   uint32_t *chunk_out);
 int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
@@ -63,16 +72,16 @@ int64_t upipe_take(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
                    uint32_t *chunk_out, uint64_t *receipt_out);
 int upipe_ack(upipe_handle *h, uint64_t receipt);
 int upipe_nack(upipe_handle *h, uint64_t receipt);
-/* The bytes fast paths: ring 0, kind UPIPE_KIND_BYTES, inline, no meta; the fewest arguments
+/* The bytes fast paths: kind UPIPE_KIND_BYTES, inline, no meta; the fewest arguments
  * cffi has to convert. upipe_get_bytes returns the length, or -EBADMSG (nothing taken) when the
  * next item is of another shape. */
-int64_t upipe_put_bytes(upipe_handle *h, const char *data, uint32_t len);
-int64_t upipe_get_bytes(upipe_handle *h, uint32_t outcap, char *out);
+int64_t upipe_put_bytes(upipe_handle *h, uint32_t ring, const char *data, uint32_t len);
+int64_t upipe_get_bytes(upipe_handle *h, uint32_t ring, uint32_t outcap, char *out);
 /* upipe_get_bytes with everything in one argument: cffi converts one pointer, not three. */
 struct upipe_getbuf {
     upipe_handle *h;
     uint32_t cap;
-    uint32_t reserved;
+    uint32_t ring;
     char data[];
 };
 int64_t upipe_get_into(struct upipe_getbuf *b);
@@ -84,6 +93,8 @@ struct upipe_takebuf {
     uint32_t cap;     /* bytes at data: at least inline_max */
     uint32_t chunk;   /* out */
     uint64_t receipt; /* out */
+    uint32_t ring;
+    uint32_t reserved;
     char data[];
 };
 int64_t upipe_take_into(struct upipe_takebuf *b);
@@ -95,6 +106,8 @@ uint8_t *upipe_chunk_ptr(upipe_handle *h, uint32_t chunk);
 int64_t upipe_chunk_size(upipe_handle *h, uint32_t chunk);
 int64_t upipe_chunk_of(upipe_handle *h, const uint8_t *addr, uint64_t len);
 int upipe_chunk_held(upipe_handle *h, uint32_t chunk);
+/* 1 if the chunk is shared (upipe_put_shared): its bytes are seen by several holders. */
+int upipe_chunk_shared(upipe_handle *h, uint32_t chunk);
 int upipe_class_for(upipe_handle *h, uint64_t nbytes);
 
 int upipe_wait(upipe_handle *h, uint32_t ring, int what, int64_t deadline_ns);

@@ -20,11 +20,13 @@
 
 #include <stdint.h>
 
-#define UPIPE_ABI_VERSION 3
+#define UPIPE_ABI_VERSION 4 /* 4: shared chunks, rings in the fast paths, fds per ring */
 #define UPIPE_KIND_BYTES 1
 /* Unacked takes one process may hold per segment: each keeps a journal entry busy, and the
  * other half of the 64 entries stays free for operations in flight. */
 #define UPIPE_MAX_HOLDS 32
+/* The memfd, then two eventfds per data ring (64 rings at most, as in upipe_layout.h). */
+#define UPIPE_MAX_FDS (1 + 2 * 64)
 
 typedef struct upipe_handle upipe_handle;
 
@@ -37,6 +39,7 @@ struct upipe_config {
     uint64_t limit;         /* most items per data ring (maxsize); 0 means capacity */
     uint64_t chunk_size[8]; /* ascending, multiples of 64 */
     uint32_t nchunks[8];    /* >= 1 each */
+    uint64_t ring_limit[64]; /* most items in data ring i; 0 means limit */
 };
 
 struct upipe_stats {
@@ -60,13 +63,19 @@ int64_t upipe_segment_size(const struct upipe_config *cfg);
 int upipe_create(const struct upipe_config *cfg, upipe_handle **out);
 /* Attach to a segment created elsewhere; the fds are duplicated, the caller keeps its own. */
 int upipe_attach(int memfd, int efd_data, int efd_space, int64_t timeout_ns, upipe_handle **out);
+/* Any segment: efds are the 2 * ndata_rings eventfds, in upipe_fd's order (fd 1 on). */
+int upipe_attach_fds(int memfd, const int *efds, uint32_t nefds, int64_t timeout_ns,
+                     upipe_handle **out);
 /* Handles are reference counted: each live lease holds one, so the mapping outlives every view. */
 void upipe_handle_ref(upipe_handle *h);
 void upipe_handle_unref(upipe_handle *h);
 /* Leave the process table now (exit without finalizers); returns chunks handed back. */
 int upipe_detach_now(upipe_handle *h);
-/* fd 0: the memfd; 1: eventfd rung for data; 2: eventfd rung for space (ring slots, free chunks). */
+/* fd 0: the memfd; 1 + 2i: eventfd rung for data in ring i; 2 + 2i: for space in ring i (and
+ * fd 2 for free chunks too). upipe_nfds: how many (1 + 2 * ndata_rings). */
 int upipe_fd(upipe_handle *h, int which);
+int upipe_nfds(upipe_handle *h);
+uint32_t upipe_ndata_rings(upipe_handle *h);
 uint8_t *upipe_base(upipe_handle *h);
 uint32_t upipe_inline_max(upipe_handle *h, uint32_t ring);
 int upipe_set_spin(upipe_handle *h, int64_t spin_ns);
@@ -78,6 +87,17 @@ int64_t upipe_put_many(upipe_handle *h, uint32_t ring, const char *data, const u
                        uint32_t n, uint16_t kind);
 int64_t upipe_put_chunk(upipe_handle *h, uint32_t ring, uint32_t chunk, uint32_t len,
                         uint16_t kind, const char *meta, uint16_t meta_len);
+/*
+ * Fan-out without copies: put one chunk into every data ring whose bit is set in rings (bit i:
+ * ring i). The first call makes the caller's chunk shared (it must hold it, not as an unacked
+ * take: -EBUSY); the chunk then stays held by the caller as well, until upipe_free. Rings with
+ * no room are left out of *done_out (wait and call again for them); closed rings go in
+ * *closed_out. Each consumer gets the chunk read-only in effect: every holder sees the same
+ * bytes. 0, or -EINVAL, -EMSGSIZE, -EPERM (not held), -EBUSY (already queued in one of them).
+ */
+int upipe_put_shared(upipe_handle *h, uint64_t rings, uint32_t chunk, uint32_t len,
+                     uint16_t kind, const char *meta, uint16_t meta_len, uint64_t *done_out,
+                     uint64_t *closed_out);
 /* >= 0: kind << 48 | meta_len << 32 | len. Meta (and an inline payload) is copied to out; a
  * chunk payload stays in the chunk, now held by this process, id in *chunk_out (else UINT32_MAX). */
 int64_t upipe_get(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
@@ -109,16 +129,16 @@ int upipe_ack(upipe_handle *h, uint64_t receipt);
  * -ENOENT as upipe_ack; -ENOBUFS no room yet (still held: try again). The chunk of a chunk item
  * goes with it: stop using its pointer. */
 int upipe_nack(upipe_handle *h, uint64_t receipt);
-/* The bytes fast paths: ring 0, kind UPIPE_KIND_BYTES, inline, no meta; the fewest arguments
+/* The bytes fast paths: kind UPIPE_KIND_BYTES, inline, no meta; the fewest arguments
  * cffi has to convert. upipe_get_bytes returns the length, or -EBADMSG (nothing taken) when the
  * next item is of another shape. */
-int64_t upipe_put_bytes(upipe_handle *h, const char *data, uint32_t len);
-int64_t upipe_get_bytes(upipe_handle *h, uint32_t outcap, char *out);
+int64_t upipe_put_bytes(upipe_handle *h, uint32_t ring, const char *data, uint32_t len);
+int64_t upipe_get_bytes(upipe_handle *h, uint32_t ring, uint32_t outcap, char *out);
 /* upipe_get_bytes with everything in one argument: cffi converts one pointer, not three. */
 struct upipe_getbuf {
     upipe_handle *h;
     uint32_t cap;
-    uint32_t reserved;
+    uint32_t ring;
     char data[];
 };
 int64_t upipe_get_into(struct upipe_getbuf *b);
@@ -130,6 +150,8 @@ struct upipe_takebuf {
     uint32_t cap;     /* bytes at data: at least inline_max */
     uint32_t chunk;   /* out */
     uint64_t receipt; /* out */
+    uint32_t ring;
+    uint32_t reserved;
     char data[];
 };
 int64_t upipe_take_into(struct upipe_takebuf *b);
@@ -142,6 +164,8 @@ int64_t upipe_chunk_size(upipe_handle *h, uint32_t chunk);
 /* Chunk id of the chunk containing [addr, addr + len), or -ENOENT. */
 int64_t upipe_chunk_of(upipe_handle *h, const uint8_t *addr, uint64_t len);
 int upipe_chunk_held(upipe_handle *h, uint32_t chunk);
+/* 1 if the chunk is shared (upipe_put_shared): its bytes are seen by several holders. */
+int upipe_chunk_shared(upipe_handle *h, uint32_t chunk);
 /* Smallest size class holding nbytes (for UPIPE_WAIT_CHUNK), or -EMSGSIZE. */
 int upipe_class_for(upipe_handle *h, uint64_t nbytes);
 

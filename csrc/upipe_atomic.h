@@ -20,6 +20,8 @@
 #define UPIPE_STORE_SEQCST(p, v) atomic_store_explicit((p), (v), memory_order_seq_cst)
 #define UPIPE_FETCH_ADD(p, v) atomic_fetch_add_explicit((p), (v), memory_order_seq_cst)
 #define UPIPE_FETCH_SUB(p, v) atomic_fetch_sub_explicit((p), (v), memory_order_seq_cst)
+#define UPIPE_FETCH_OR(p, v) atomic_fetch_or_explicit((p), (v), memory_order_seq_cst)
+#define UPIPE_FETCH_AND(p, v) atomic_fetch_and_explicit((p), (v), memory_order_seq_cst)
 #define UPIPE_FETCH_ADD_RELAXED(p, v) atomic_fetch_add_explicit((p), (v), memory_order_relaxed)
 /* Strong CAS, seq_cst on success (it is a claim other processes must see in order), relaxed on failure. */
 #define UPIPE_CAS(p, expected_ptr, desired)                                                        \

@@ -86,6 +86,9 @@ static const struct {
     SIZE(upipe_rec),
     FIELD(upipe_chunk, owner),
     FIELD(upipe_chunk, flags),
+    FIELD(upipe_chunk, share),
+    FIELD(upipe_chunk, holders),
+    FIELD(upipe_chunk, rings),
     SIZE(upipe_chunk),
 };
 

@@ -19,13 +19,14 @@
 
 /* "UPIPE\0\0\1" read as a little-endian u64. */
 #define UPIPE_MAGIC 0x0100004550495055ULL
-#define UPIPE_LAYOUT_VERSION 2u /* 2: take/ack (HOLD, REDELIVER), rec.src, ring.redelivered */
+#define UPIPE_LAYOUT_VERSION 3u /* 2: take/ack (HOLD, REDELIVER), rec.src, ring.redelivered;
+                                  * 3: shared chunks (fan-out), 64 data rings, ACK op */
 
 #define UPIPE_HEADER_SIZE 4096u
-#define UPIPE_MAX_DATA_RINGS 8u
+#define UPIPE_MAX_DATA_RINGS 64u /* a shared chunk has one bit per data ring */
 #define UPIPE_MAX_CLASSES 8u
 #define UPIPE_MAX_RINGS (UPIPE_MAX_DATA_RINGS + UPIPE_MAX_CLASSES)
-#define UPIPE_MAX_ACTORS 64u
+#define UPIPE_MAX_ACTORS 64u /* a shared chunk has one bit per actor */
 #define UPIPE_RECS_PER_ACTOR 64u
 #define UPIPE_SLOT_HEADER 32u
 #define UPIPE_RING_GUARD 128u
@@ -35,6 +36,13 @@ enum upipe_state { UPIPE_STATE_EMPTY = 0, UPIPE_STATE_INITIALIZING = 1, UPIPE_ST
 /* chunk.owner values other than an actor tag. */
 #define UPIPE_OWNER_FREE 0u           /* in its class's free ring */
 #define UPIPE_OWNER_QUEUED 0xFFFFFFFFu /* referenced by exactly one published data-ring slot */
+#define UPIPE_OWNER_SHARED 0xFFFFFFFEu /* shared: its holders are chunk.holders and chunk.rings */
+
+/* chunk.share: (incarnation << 8) | state, for a shared chunk. state LIVE, or FREEING + actor
+ * index: the actor that won the right to free it (one CAS, so exactly one per incarnation). */
+#define UPIPE_SHARE_LIVE 0u
+#define UPIPE_SHARE_FREEING 1u
+#define UPIPE_SHARE_STATE(w) ((uint32_t)((w)&0xFFu))
 
 /* slot.desc: 0 means the payload is inline in the slot; otherwise chunk id + 1. */
 #define UPIPE_DESC_INLINE 0u
@@ -59,13 +67,17 @@ enum upipe_state { UPIPE_STATE_EMPTY = 0, UPIPE_STATE_INITIALIZING = 1, UPIPE_ST
  *              stays busy until then. A dead holder's item is redelivered, not lost.
  *   REDELIVER  moving the item held at position src to a fresh position pos (recovery, nack,
  *              detach). src has UPIPE_SRC_CLAIMED set once pos is really this actor's.
+ *   ACK        acking the take held at position pos whose chunk is shared: recovery finishes
+ *              it (the ring's bit on the chunk is cleared, then the slot released), never
+ *              redelivers it.
  */
 enum upipe_op {
     UPIPE_OP_NONE = 0,
     UPIPE_OP_PUT = 1,
     UPIPE_OP_TAKE = 2,
     UPIPE_OP_HOLD = 3,
-    UPIPE_OP_REDELIVER = 4
+    UPIPE_OP_REDELIVER = 4,
+    UPIPE_OP_ACK = 5
 };
 #define UPIPE_SRC_CLAIMED (1ULL << 63)
 
@@ -157,10 +169,25 @@ struct upipe_actor {
     struct upipe_rec recs[UPIPE_RECS_PER_ACTOR];
 };
 
-/* Chunk bookkeeping, one per chunk, in the chunk-headers region. */
+/*
+ * Chunk bookkeeping, one per chunk, in the chunk-headers region.
+ *
+ * A chunk has one holder (owner: FREE, QUEUED or an actor tag), or, once a producer fans it
+ * out to several rings, is SHARED: then it is held by every actor whose bit is set in holders
+ * and by the one slot of every data ring whose bit is set in rings, and is free when both are
+ * zero. Bits are idempotent to set and clear, so recovery can always tell what a dead actor
+ * held. Both words only ever go to zero for good: bits are added only by someone who already
+ * holds a reference (docs/design.md, "Shared chunks").
+ */
 struct upipe_chunk {
-    _Atomic uint32_t owner; /* the current holder: FREE, QUEUED or an actor tag */
-    _Atomic uint32_t flags; /* holder (UPIPE_CHUNK_*); RMW only while HELD (free vs ack) */
+    _Atomic uint32_t owner;   /* the current holder: FREE, QUEUED, SHARED or an actor tag */
+    _Atomic uint32_t flags;   /* holder (UPIPE_CHUNK_*); RMW only while HELD (free vs ack) */
+    _Atomic uint64_t share;   /* sharer (store), then the freer (CAS): incarnation | state */
+    _Atomic uint64_t holders; /* SHARED: bit per actor index; set/cleared by that actor or by
+                               * the recovery of it */
+    _Atomic uint64_t rings;   /* SHARED: bit per data ring holding a slot that names it; set by
+                               * the producer (after the slot's stamp), cleared by its consumer
+                               * (before the slot's release) or by recovery */
 };
 
 /* creator, read-only afterwards */
@@ -212,6 +239,6 @@ _Static_assert(offsetof(struct upipe_ring, closed) % 128 == 0, "rare block on it
 _Static_assert(sizeof(struct upipe_ring) == 768, "ring header is 6 x 128 B");
 _Static_assert(sizeof(struct upipe_rec) == 32, "rec is 32 B");
 _Static_assert(sizeof(struct upipe_actor) == 64 + 32 * UPIPE_RECS_PER_ACTOR, "actor size");
-_Static_assert(sizeof(struct upipe_chunk) == 8, "chunk header is 8 B");
+_Static_assert(sizeof(struct upipe_chunk) == 32, "chunk header is 32 B");
 
 #endif /* UPIPE_LAYOUT_H */

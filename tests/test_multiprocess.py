@@ -145,7 +145,7 @@ def test_attach_to_something_that_is_not_a_segment() -> None:
     efd = os.eventfd(0)
     try:
         with pytest.raises(SegmentError):
-            Segment.attach(fd, efd, efd, config, timeout=0.1)
+            Segment.attach((fd, efd, efd), config, timeout=0.1)
     finally:
         os.close(fd)
         os.close(efd)

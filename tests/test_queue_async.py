@@ -38,12 +38,12 @@ def test_no_thread_per_call_and_no_reader_left_behind() -> None:
         tasks = [asyncio.create_task(q.get_async()) for _ in range(20)]
         await asyncio.sleep(0.05)
         assert threading.active_count() == before  # waiting costs no thread
-        assert q._seg.fd_data in loop._selector.get_map()  # type: ignore[attr-defined]
+        assert q._seg.fds()[1] in loop._selector.get_map()  # type: ignore[attr-defined]
         for i in range(20):
             q.put(i)
         got = await asyncio.gather(*tasks)
         assert sorted(got) == list(range(20))
-        assert q._seg.fd_data not in loop._selector.get_map()  # type: ignore[attr-defined]
+        assert q._seg.fds()[1] not in loop._selector.get_map()  # type: ignore[attr-defined]
 
     run(main())
 

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 from . import errors
 
 #: The ABI this Python package was written against; the .so carries its own.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 try:
     from ._upipe_ffi import ffi, lib

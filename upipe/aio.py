@@ -2,7 +2,8 @@
 
 Facts this module depends on:
 
-* Each segment has two eventfds shared by every process attached to it ("data" and "space"). A
+* Each ring of a segment has two eventfds shared by every process attached to it ("data" and
+  "space"; a free chunk rings ring 0's "space"). A
   waker writes to one only when the shared eventcount says an async waiter is registered, so a
   busy pipeline makes no syscall for them.
 * ``loop.add_reader`` keeps one callback per fd (a second call replaces the first), so each
@@ -97,8 +98,9 @@ _dispatchers: weakref.WeakKeyDictionary[
 ] = weakref.WeakKeyDictionary()
 
 
-def _dispatcher(seg: Segment, what: int, loop: asyncio.AbstractEventLoop) -> _Dispatcher:
-    fd = seg.fd_data if what == WAIT_READABLE else seg.fd_space
+def _dispatcher(seg: Segment, what: int, arg: int,
+                loop: asyncio.AbstractEventLoop) -> _Dispatcher:
+    fd = seg.efd(what, arg)
     per_loop = _dispatchers.setdefault(loop, {})
     key = (id(seg), fd)
     d = per_loop.get(key)
@@ -119,7 +121,7 @@ async def wait_for_condition(seg: Segment, what: int, deadline: float | None, ar
     passed. Callers re-check the ring after every return."""
     assert what in (WAIT_READABLE, WAIT_WRITABLE, WAIT_CHUNK)
     loop = asyncio.get_running_loop()
-    d = _dispatcher(seg, what, loop)
+    d = _dispatcher(seg, what, arg, loop)
     fut: asyncio.Future[None] = loop.create_future()
     ready = d.add(fut, what, arg)
     try:

@@ -52,6 +52,10 @@ class JoinReply:
     stats_row: int = -1  # this worker's row in it
     terminating: bool = False  # the pipe is terminating and this is a root: stop at once
     is_root: bool = False  # a root processor (pipe.emit feeds it; terminate() stops it)
+    # The queues' segments: how many fds each has (they come in this order, before the stats
+    # block's), and which segment each queue (input first, then outputs) is a ring of.
+    segment_fds: list[int] = field(default_factory=list)
+    queue_segments: list[int] = field(default_factory=list)
 
 
 def peer_uid(sock: socket.socket) -> int:

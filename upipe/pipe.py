@@ -37,7 +37,7 @@ from . import control, stats, worker
 from .autoscale import Autoscaler, Knobs
 from .errors import Closed, Empty, UpipeError
 from .processor import RETIRE, Processor, ProcessorError, _check_main_guard
-from .queue import Queue, share
+from .queue import Queue, fan_out_async, ring_group, share
 
 __all__ = ["Pipe", "PipeStatistics"]
 
@@ -307,9 +307,7 @@ class Pipe:
                 node.reason = "initial"
                 for i in range(node.proc.instances):
                     self._spawn(node, i)
-            for node in self._nodes.values():
-                node.input = Queue(**node.proc.queue_options)
-            self._output = Queue(maxsize=self.output_size)
+            self._create_queues()
             assert self._listener is not None
             loop.add_reader(self._listener.fileno(), self._accept)
             if self.metrics_port is not None:
@@ -325,6 +323,42 @@ class Pipe:
             self._shutdown()
             raise
         self._drain_task = loop.create_task(self._drain_outputs())
+
+    def _create_queues(self) -> None:
+        """The processors' inputs and the pipe's output. Inputs that receive the same frames
+        (the downstreams of one processor, or the roots, which pipe.emit feeds together) are
+        rings of one segment, so a fanned-out frame is one chunk for all of them."""
+        output = object()  # the pipe's output queue, a member like the inputs
+        parent: dict[int, int] = {}  # union-find over id(member)
+
+        def find(x: int) -> int:
+            while parent.setdefault(x, x) != x:
+                x = parent[x]
+            return x
+
+        def union(members: list[Any]) -> None:
+            for m in members[1:]:
+                parent[find(id(m))] = find(id(members[0]))
+
+        nodes = list(self._nodes.values())
+        union([n for n in nodes if n.is_root])
+        for n in nodes:
+            union(list(n.downstream) or [output])
+        groups: dict[int, list[Any]] = {}
+        for member in [*nodes, output]:
+            groups.setdefault(find(id(member)), []).append(member)
+        for members in groups.values():
+            opts = [{"maxsize": self.output_size} if m is output else m.proc.queue_options
+                    for m in members]
+            if len(members) == 1:
+                queues = [Queue(**opts[0])]
+            else:
+                queues = ring_group(opts)
+            for m, q in zip(members, queues, strict=True):
+                if m is output:
+                    self._output = q
+                else:
+                    m.input = q
 
     def _open_control(self) -> None:
         assert self._loop is not None
@@ -489,17 +523,25 @@ class Pipe:
         outputs = [d.input for d in node.downstream if d.input is not None] or [self._output]
         fds: list[int] = []
         shapes = []
+        segment_fds: list[int] = []
+        queue_segments: list[int] = []
+        seen: dict[int, int] = {}  # id(segment) -> its index in this reply
         for q in [node.input, *outputs]:
             qfds, shape = share(q)
-            fds.extend(qfds)
             shapes.append(shape)
+            k = seen.setdefault(id(q._seg), len(segment_fds))
+            if k == len(segment_fds):  # a segment not sent yet: its fds go once
+                fds.extend(qfds)
+                segment_fds.append(len(qfds))
+            queue_segments.append(k)
         assert self._stats is not None
         fds.append(self._stats.fd)
         reply = control.JoinReply(self.name, node.name, w.instance, node.proc.config,
                                   shapes[0], shapes[1:], stats_rows=self._stats.rows,
                                   stats_row=w.row,
                                   terminating=self._terminating and node.is_root,
-                                  is_root=node.is_root)
+                                  is_root=node.is_root, segment_fds=segment_fds,
+                                  queue_segments=queue_segments)
         control.send_msg(conn, reply, fds)
 
     def _on_control(self, w: _Worker) -> None:
@@ -922,12 +964,11 @@ class Pipe:
         if data is None:
             raise ValueError(f"pipe {self.name!r}: emit(None): None marks the end of the "
                              "stream in a processor's get(); emit a value")
-        roots = self._running_roots()
-        for node in roots[1:]:
-            assert node.input is not None
-            await node.input.put_async(data, timeout)
-        assert roots[0].input is not None
-        await roots[0].input.put_async(data, timeout)
+        inputs = [n.input for n in self._running_roots() if n.input is not None]
+        if len(inputs) == 1:
+            await inputs[0].put_async(data, timeout)
+        else:  # the roots' inputs are rings of one segment: one chunk for all of them
+            await fan_out_async(inputs, data, timeout)
 
     async def emit_sync(self, data: Any, timeout: float | None = None) -> Any:
         """Inject a frame and return the first frame a sink emits after it: a request and its

@@ -39,7 +39,7 @@ import numpy as np
 
 from . import control, stats
 from .errors import Closed, Empty, Full, UpipeError
-from .queue import _NOTHING, Queue, attach_fds
+from .queue import _NOTHING, Queue, attach_fds, fan_out, fan_out_async
 
 __all__ = ["Processor", "ProcessorError"]
 
@@ -364,10 +364,20 @@ class Processor:
         try:
             shapes = ([reply.input_shape] if reply.input_shape is not None else []) + list(
                 reply.output_shapes)
-            queues = [attach_fds((fds[3 * i], fds[3 * i + 1], fds[3 * i + 2]), shape)
-                      for i, shape in enumerate(shapes)]
+            # The fds come per segment; queues that are rings of one segment (a fan-out group)
+            # share one attachment, so a chunk received on one can be named on another.
+            starts = [sum(reply.segment_fds[:i]) for i in range(len(reply.segment_fds))]
+            attached: dict[int, Queue] = {}
+            queues = []
+            for shape, k in zip(shapes, reply.queue_segments, strict=True):
+                seg_fds = fds[starts[k]:starts[k] + reply.segment_fds[k]]
+                seg = attached[k]._seg if k in attached else None
+                q = attach_fds(seg_fds, shape, seg)
+                attached.setdefault(k, q)
+                queues.append(q)
             if reply.stats_rows:
-                self._stats = stats.StatsBlock.attach(fds[3 * len(shapes)], reply.stats_rows)
+                self._stats = stats.StatsBlock.attach(fds[sum(reply.segment_fds)],
+                                                      reply.stats_rows)
                 self._st = self._stats.row(reply.stats_row)
         except BaseException:
             sock.close()
@@ -379,6 +389,8 @@ class Processor:
             self._input, self._outputs = queues[0], queues[1:]
         else:
             self._outputs = queues
+        for q in self._outputs:
+            q._copy_held = True  # forwarding the frame in hand into the same segment copies it
         self._ctrl = sock
         self.instance = reply.instance
         self.pipe_name = reply.pipe
@@ -699,11 +711,9 @@ class Processor:
 
     @staticmethod
     async def _fan_out(data: Any, outs: Sequence[Queue], timeout: float | None) -> None:
-        # A buffer from alloc() lives in outs[0]'s memory: the others get copies first, then
-        # outs[0] takes the buffer itself (a move, no copy).
-        for q in outs[1:]:
-            await q.put_async(data, timeout)
-        await outs[0].put_async(data, timeout)
+        # The downstream inputs are rings of one segment (the pipe groups them): a large frame
+        # is one chunk named by every ring, not a copy each.
+        await fan_out_async(outs, data, timeout)
 
     def emit_blocking(self, data: Any = b"", timeout: float | None = None) -> None:
         """:meth:`emit_sync` for plain code."""
@@ -718,9 +728,10 @@ class Processor:
             self._waiting_to_emit = True
             t0 = self._wait_begins(stats.EMIT_WAIT)
             try:
-                for q in outs[1:]:
-                    q.put(data, True, timeout)
-                outs[0].put(data, True, timeout)
+                if len(outs) > 1:
+                    fan_out(outs, data, timeout)
+                else:
+                    outs[0].put(data, True, timeout)
             finally:
                 self._waiting_to_emit = False
                 self._wait_ends(stats.EMIT_WAIT, t0)
@@ -730,8 +741,9 @@ class Processor:
     # -- zero-copy output buffers -------------------------------------------------------------
 
     def alloc(self, nbytes: int, timeout: float | None = None) -> memoryview:
-        """A writable buffer in the shared memory of the (first) downstream input queue;
-        emitting it moves only a descriptor. Waits for a free chunk (up to ``timeout``)."""
+        """A writable buffer in the shared memory of the downstream input queues; emitting it
+        moves only a descriptor (to several downstreams: the same chunk for all of them, which
+        each sees read-only). Waits for a free chunk (up to ``timeout``)."""
         self._check_joined()
         return self._outputs[0].alloc(nbytes, True, timeout)
 

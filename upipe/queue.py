@@ -44,10 +44,12 @@ from .segment import (
     ESTALE,
     ETIMEDOUT,
     MAX_HOLDS,
+    MAX_RINGS,
     NO_CHUNK,
     WAIT_CHUNK,
     WAIT_READABLE,
     WAIT_WRITABLE,
+    Lease,
     Segment,
     SegmentConfig,
     segment_size,
@@ -222,7 +224,8 @@ class _PendingPut:
                 "(and max_bytes to hold it)"
             )
         lease = q._seg.lease_for(obj)
-        if lease is not None and len(enc.parts) == 1 and q._seg.starts_chunk(enc.parts[0], lease):
+        if (lease is not None and not lease.shared and len(enc.parts) == 1
+                and q._seg.starts_chunk(enc.parts[0], lease)):
             if not Segment.lease_is_held(lease):
                 raise NotOwner(
                     "this buffer's chunk was already put or released (a put moves a "
@@ -243,14 +246,14 @@ class _PendingPut:
         q, enc = self.q, self.enc
         seg = q._seg
         if self.chunk < 0 and self.klass < 0:
-            rc = seg.put_inline(enc.joined(), enc.kind, enc.meta)
+            rc = seg.put_inline(enc.joined(), enc.kind, enc.meta, q._ring)
             if rc == 0:
                 return None
-            return self._failed(rc, (WAIT_WRITABLE, 0))
+            return self._failed(rc, (WAIT_WRITABLE, q._ring))
         if self.chunk < 0:
             chunk = seg.alloc(enc.nbytes)
             if chunk < 0:
-                if seg.is_closed():
+                if seg.is_closed(q._ring):
                     raise Closed("put on a closed queue")
                 if chunk in (-ENOBUFS, -EAGAIN):
                     return (WAIT_CHUNK, self.klass)
@@ -268,14 +271,23 @@ class _PendingPut:
                 "this buffer's chunk was already put or released (a put moves a zero-copy "
                 "buffer into the queue): put a copy instead, e.g. arr.copy()"
             )
-        rc = seg.put_chunk(self.chunk, enc.nbytes, enc.kind, enc.meta)
+        rc = seg.put_chunk(self.chunk, enc.nbytes, enc.kind, enc.meta, q._ring)
         if lease is not None:
             seg.end_move(lease, moved=rc == 0)
+            if rc == -EBUSY and q._copy_held:
+                return self._copy_instead()
         if rc == 0:
             self.chunk = -1
             self.klass = -2  # done
             return None
-        return self._failed(rc, (WAIT_WRITABLE, 0))
+        return self._failed(rc, (WAIT_WRITABLE, q._ring))
+
+    def _copy_instead(self) -> tuple[int, int] | None:
+        """The buffer is an unacked take's (a processor forwarding the frame it is working on
+        into a ring of the same segment): put a copy of it instead."""
+        self.lease, self.chunk = None, -1
+        self.klass = self.q._seg.class_for(self.enc.nbytes)
+        return self.attempt()
 
     def _failed(self, rc: int, wait: tuple[int, int]) -> tuple[int, int]:
         if rc == -ENOBUFS or rc == -EAGAIN:
@@ -299,6 +311,143 @@ class _PendingPut:
         if self.chunk >= 0 and self.lease is None:
             self.q._seg.free_chunk(self.chunk)
         self.chunk = -1
+
+
+class _FanOut:
+    """One item on its way into several queues that are rings of one segment (see
+    :func:`ring_group`): encoded once; a small item is copied into each ring's slot, a large one
+    goes into one chunk that every ring's slot names (upipe_put_shared: no copy, the chunk is
+    freed when the last consumer lets go of it). Tried until every ring has it."""
+
+    def __init__(self, queues: Sequence[Queue], obj: Any) -> None:
+        first = queues[0]
+        seg = first._seg
+        if any(q._seg is not seg for q in queues):
+            raise ValueError("a fan-out needs queues of one ring group (ring_group())")
+        self.seg = seg
+        self.rings = {q._ring: q for q in queues}
+        self.todo = 0
+        for q in queues:
+            self.todo |= 1 << q._ring
+        self.closed = 0
+        self.chunk = -1
+        self.own_chunk = False  # allocated here for a copy: our hold goes when we are done
+        self.lease: Lease | None = None
+        self.enc = enc = codec.encode(obj, seg.inline_max)
+        self.inline = enc.nbytes + len(enc.meta) <= seg.inline_max
+        if self.inline:
+            return
+        if enc.nbytes > first._max_message_size:
+            raise MessageTooLarge(
+                f"item of {enc.nbytes} bytes is larger than the queues' max_message_size of "
+                f"{first._max_message_size} bytes"
+            )
+        lease = seg.lease_for(obj)
+        if (lease is not None and not lease.shared and len(enc.parts) == 1
+                and seg.starts_chunk(enc.parts[0], lease) and seg.begin_move(lease)):
+            self.lease = lease  # a buffer from alloc(): it is the chunk (no copy at all)
+            self.chunk = lease.chunk
+        self.klass = seg.class_for(enc.nbytes)
+
+    def attempt(self) -> tuple[int, int] | None:
+        """Try once for every ring still to do: None when all have it, else (what, arg) to wait
+        for. Raises Closed at the end if a ring was closed."""
+        seg, enc = self.seg, self.enc
+        if self.inline:
+            data = enc.joined()
+            for ring in _bits(self.todo):
+                rc = seg.put_inline(data, enc.kind, enc.meta, ring)
+                if rc == 0 or rc == -EPIPE:
+                    self.todo &= ~(1 << ring)
+                    self.closed |= (1 << ring) if rc == -EPIPE else 0
+                elif rc not in (-ENOBUFS, -EAGAIN):
+                    raise UpipeError(f"put failed: {os.strerror(-rc)}")
+        else:
+            if self.chunk < 0:
+                chunk = seg.alloc(enc.nbytes)
+                if chunk < 0:
+                    if chunk in (-ENOBUFS, -EAGAIN):
+                        return (WAIT_CHUNK, self.klass)
+                    raise UpipeError(f"alloc failed: {os.strerror(-chunk)}")
+                offset = 0
+                for part in enc.parts:
+                    n = memoryview(part).nbytes
+                    seg.copy_into_chunk(chunk, part, n, offset)
+                    offset += n
+                self.chunk, self.own_chunk = chunk, True
+            rc, done, closed = seg.put_shared(self.todo, self.chunk, enc.nbytes, enc.kind,
+                                              enc.meta)
+            if rc == -EBUSY and self.lease is not None and not (done | closed):
+                # an unacked take's buffer (the frame in hand): put a copy of it instead
+                self.seg.end_move(self.lease, moved=False)
+                self.lease, self.chunk = None, -1
+                return self.attempt()
+            if rc < 0:
+                raise UpipeError(f"fan-out put failed: {os.strerror(-rc)}")
+            self.todo &= ~(done | closed)
+            self.closed |= closed
+        if self.todo:
+            return (WAIT_WRITABLE, next(iter(_bits(self.todo))))
+        self.finish()
+        if self.closed:
+            raise Closed("put on a closed queue")
+        return None
+
+    def finish(self) -> None:
+        """Let go of our own hold on the chunk (the rings keep theirs); a buffer from alloc()
+        keeps it for as long as its views live, and is shared (read-only) from now on."""
+        if self.lease is not None:
+            self.lease.shared = True
+            self.seg.end_move(self.lease, moved=False)
+            self.lease = None
+        elif self.own_chunk:
+            self.seg.free_chunk(self.chunk)
+        self.chunk = -1
+        self.own_chunk = False
+
+    def block(self, timeout: float | None) -> None:
+        """:meth:`attempt` until done, sleeping on the segment in between."""
+        deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
+        q = next(iter(self.rings.values()))
+        try:
+            while True:
+                wait = self.attempt()
+                if wait is None:
+                    return
+                if not q._block(wait, deadline) and self.attempt() is not None:
+                    raise Full(f"{_full_reason(wait)} after {timeout} s")
+        finally:
+            self.finish()
+
+    async def wait(self, timeout: float | None) -> None:
+        """:meth:`attempt` until done, waiting on the event loop in between."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                wait = self.attempt()
+                if wait is None:
+                    return
+                if not await aio.wait_for_condition(self.seg, wait[0], deadline, wait[1]):
+                    if self.attempt() is None:
+                        return
+                    raise Full(f"{_full_reason(wait)} after {timeout} s")
+        finally:
+            self.finish()
+
+
+def _bits(mask: int) -> list[int]:
+    return [i for i in range(mask.bit_length()) if mask >> i & 1]
+
+
+def fan_out(queues: Sequence[Queue], obj: Any, timeout: float | None = None) -> None:
+    """Put obj into every queue of a ring group, waiting for room (up to ``timeout``): one
+    chunk for all of them, not a copy each. Raises Full, or Closed once the open ones have it."""
+    _FanOut(queues, obj).block(_check_timeout(timeout))
+
+
+async def fan_out_async(queues: Sequence[Queue], obj: Any, timeout: float | None = None) -> None:
+    """:func:`fan_out` on the event loop."""
+    await _FanOut(queues, obj).wait(_check_timeout(timeout))
 
 
 class Queue:
@@ -347,15 +496,16 @@ class Queue:
         if maxsize > 1 << 30:
             raise ValueError(f"maxsize must be at most {1 << 30}, got {maxsize}")
         sizes, counts = plan_chunks(max_bytes, max_message_size, chunk_sizes)
-        capacity = 2
-        while capacity < maxsize:
-            capacity *= 2
-        config = SegmentConfig(capacity, maxsize, slot_size, sizes, counts)
+        config = SegmentConfig(_capacity_for(maxsize), maxsize, slot_size, sizes, counts)
         _check_memory(segment_size(config), maxsize, slot_size, max_bytes)
         self._setup(Segment.create(config), maxsize, spin)
 
-    def _setup(self, seg: Segment, maxsize: int, spin: float) -> None:
+    def _setup(self, seg: Segment, maxsize: int, spin: float, ring: int = 0) -> None:
         self._seg = seg
+        self._ring = ring  # which of the segment's data rings is this queue
+        # put() of a buffer that is an unacked take of this segment copies it instead of
+        # raising NotOwner (set on a processor's outputs: its input may share their segment).
+        self._copy_held = False
         self._maxsize = maxsize
         self._spin = spin
         seg.set_spin(spin)
@@ -371,7 +521,7 @@ class Queue:
             reason = self._seg.broken or UpipeError("this Queue is not attached in this process")
             self._make_unusable(reason)
             return
-        self._put_b, self._get_b = self._seg.bytes_fast_paths()
+        self._put_b, self._get_b = self._seg.bytes_fast_paths(self._ring)
         self._bufs = []
         self._take_b, self._ack_b = self._seg.take_fast_paths()
         self._tbufs: list[tuple[Any, Any]] = []
@@ -388,11 +538,10 @@ class Queue:
     def __reduce__(self) -> tuple[Any, ...]:
         from multiprocessing.reduction import DupFd
 
-        memfd, efd_data, efd_space = self._seg.fds()
         return (
             _rebuild_queue,
-            (DupFd(memfd), DupFd(efd_data), DupFd(efd_space), self._seg.config, self._maxsize,
-             self._spin),
+            (tuple(DupFd(fd) for fd in self._seg.fds()), self._seg.config, self._maxsize,
+             self._spin, self._ring),
         )
 
     def export(self) -> tuple[str, tuple[int, int, int]]:
@@ -403,6 +552,8 @@ class Queue:
         """
         fds = self._seg.fds()
         c = self._seg.config
+        if len(fds) != 3:
+            raise UpipeError("export(): only a queue of its own (from Queue()) can be exported")
         sizes = ",".join(f"{s}x{n}" for s, n in zip(c.chunk_sizes, c.nchunks, strict=True))
         token = (
             f"{TOKEN_PREFIX}{fds[0]}:{fds[1]}:{fds[2]}:{self._maxsize}:{c.capacity}:"
@@ -436,7 +587,7 @@ class Queue:
             capacity, maxsize, slot_size, tuple(c[0] for c in classes), tuple(c[1] for c in classes)
         )
         q = cls.__new__(cls)
-        q._setup(Segment.attach(memfd, efd_data, efd_space, config), maxsize, spin)
+        q._setup(Segment.attach((memfd, efd_data, efd_space), config), maxsize, spin)
         return q
 
     # -- sync face ----------------------------------------------------------------------------
@@ -497,7 +648,7 @@ class Queue:
         # The small-bytes fast path, inlined here because it is most of the calls; the rest is
         # _try_get's.
         bufs = self._bufs  # one private out-buffer per concurrent caller: threads may share a queue
-        out, view = bufs.pop() if bufs else self._seg.new_out_buffer()
+        out, view = bufs.pop() if bufs else self._seg.new_out_buffer(self._ring)
         n = self._get_b(out)
         if n >= 0:
             data = view[16:16 + n]  # Segment.OUT_DATA
@@ -512,7 +663,7 @@ class Queue:
         timeout = _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
         while True:
-            waited = self._block((WAIT_READABLE, 0), deadline)
+            waited = self._block((WAIT_READABLE, self._ring), deadline)
             item = self._try_get()
             if item is not _NOTHING:
                 return item
@@ -524,7 +675,7 @@ class Queue:
         of a fast-path attempt the caller already made (so none is made here)."""
         if fast_rc is None:
             bufs = self._bufs
-            out, view = bufs.pop() if bufs else self._seg.new_out_buffer()
+            out, view = bufs.pop() if bufs else self._seg.new_out_buffer(self._ring)
             fast_rc = self._get_b(out)
             if fast_rc >= 0:
                 data = view[16:16 + fast_rc]
@@ -533,7 +684,7 @@ class Queue:
             bufs.append((out, view))
         rc = fast_rc
         if rc == -EBADMSG:  # the next item is not small bytes: the general path decodes it
-            rc, kind, meta, payload = self._seg.get()
+            rc, kind, meta, payload = self._seg.get(self._ring)
             if rc >= 0:
                 if kind == codec.KIND_BYTES and payload.__class__ is bytes:
                     return payload
@@ -574,7 +725,7 @@ class Queue:
         timeout = _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
         while True:
-            waited = self._block((WAIT_READABLE, 0), deadline)
+            waited = self._block((WAIT_READABLE, self._ring), deadline)
             got = self._try_take()
             if got is not None:
                 return got
@@ -586,10 +737,10 @@ class Queue:
         None if there is no item yet; ack with :meth:`_ack_token`. The pipe's processors read
         their input this way (one C call for small bytes)."""
         tbufs = self._tbufs  # one private buffer per concurrent caller, as get()'s
-        buf, view = tbufs.pop() if tbufs else self._seg.new_take_buffer()
+        buf, view = tbufs.pop() if tbufs else self._seg.new_take_buffer(self._ring)
         rc = self._take_b(buf)  # a C call: it does not raise
         if rc >= 0 and rc >> 32 == _BYTES_NO_META and buf.chunk == NO_CHUNK:
-            got = view[24:24 + (rc & 0xFFFFFFFF)], buf.receipt  # Segment.TAKE_DATA
+            got = view[32:32 + (rc & 0xFFFFFFFF)], buf.receipt  # Segment.TAKE_DATA
             tbufs.append((buf, view))
             return got
         if rc >= 0:
@@ -644,12 +795,12 @@ class Queue:
             return got
         timeout = _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._spin > 0 and self._seg.spin(WAIT_READABLE, min(self._spin, 10e-6)):
+        if self._spin > 0 and self._seg.spin(WAIT_READABLE, min(self._spin, 10e-6), self._ring):
             got = self._try_take()
             if got is not None:
                 return got
         while True:
-            ok = await aio.wait_for_condition(self._seg, WAIT_READABLE, deadline)
+            ok = await aio.wait_for_condition(self._seg, WAIT_READABLE, deadline, self._ring)
             got = self._try_take()
             if got is not None:
                 return got
@@ -699,7 +850,8 @@ class Queue:
         if total and set(map(type, items)) == {bytes}:
             lens = array("I", map(len, items))
             joined = b"".join(items)
-            rc = self._seg.put_many_inline(joined, lens, 0, 0, total, codec.KIND_BYTES)
+            rc = self._seg.put_many_inline(joined, lens, 0, 0, total, codec.KIND_BYTES,
+                                           self._ring)
             if rc == total:
                 return
             run_start, run_end = 0, (0 if rc == -EMSGSIZE else total)
@@ -725,7 +877,7 @@ class Queue:
                     joined, run_start, run_end, offset = b"".join(run), done, end, 0
             if done < run_end:
                 rc = self._seg.put_many_inline(joined, lens, done - run_start, offset,
-                                               run_end - done, codec.KIND_BYTES)
+                                               run_end - done, codec.KIND_BYTES, self._ring)
                 if rc > 0:
                     offset += sum(lens[done - run_start:done - run_start + rc])
                     done += rc
@@ -734,7 +886,7 @@ class Queue:
                     raise Closed("put on a closed queue")
                 if rc != -ENOBUFS:
                     raise UpipeError(f"put_many failed: {os.strerror(-rc)}")
-                wait: tuple[int, int] = (WAIT_WRITABLE, 0)
+                wait: tuple[int, int] = (WAIT_WRITABLE, self._ring)
             else:
                 pending = _PendingPut(self, items[done])
                 attempt = pending.attempt()
@@ -760,7 +912,8 @@ class Queue:
         out: list[Any] = []
         first = True
         while len(out) < max_items:
-            rc, data, ends = self._seg.get_many_inline(codec.KIND_BYTES, max_items - len(out))
+            rc, data, ends = self._seg.get_many_inline(codec.KIND_BYTES, max_items - len(out),
+                                                       self._ring)
             if rc > 0:
                 if isinstance(ends, int):  # all the same length: split at C speed
                     out += _split_uniform(data, ends, rc)
@@ -792,7 +945,7 @@ class Queue:
 
     def qsize(self) -> int:
         """Items in the queue now (a snapshot: others may be changing it)."""
-        return self._seg.count()
+        return self._seg.count(self._ring)
 
     def empty(self) -> bool:
         return self.qsize() == 0
@@ -815,14 +968,14 @@ class Queue:
 
     @property
     def closed(self) -> bool:
-        return self._seg.stats().closed
+        return self._seg.stats(self._ring).closed
 
     def close(self) -> None:
         """End of stream, for every process: puts raise :class:`Closed` from now on; gets drain
         what is left, then raise :class:`Closed`; ``async for`` / ``for`` loops end. Waiters in
         every process wake. Idempotent.
         """
-        self._seg.close()
+        self._seg.close(self._ring)
 
     def shutdown(self, immediate: bool = False) -> None:
         """:meth:`close` (``asyncio.Queue.shutdown`` spelling); ``immediate`` also drops what is
@@ -880,7 +1033,7 @@ class Queue:
                 raise Full(
                     f"no free chunk of {nbytes} bytes: release buffers you hold or raise max_bytes"
                 )
-            if seg.is_closed():  # waiting for a buffer that no put would take
+            if seg.is_closed(self._ring):  # waiting for a buffer that no put would take
                 raise Closed("alloc on a closed queue")
             waited = self._block(wait, deadline)
             chunk = seg.alloc(nbytes or 1)
@@ -975,13 +1128,13 @@ class Queue:
             pass
         timeout = _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._spin > 0 and self._seg.spin(WAIT_READABLE, min(self._spin, 10e-6)):
+        if self._spin > 0 and self._seg.spin(WAIT_READABLE, min(self._spin, 10e-6), self._ring):
             try:
                 return self.get(False)
             except Empty:
                 pass
         while True:
-            ok = await aio.wait_for_condition(self._seg, WAIT_READABLE, deadline)
+            ok = await aio.wait_for_condition(self._seg, WAIT_READABLE, deadline, self._ring)
             try:
                 return self.get(False)
             except Empty:
@@ -1002,7 +1155,7 @@ class Queue:
     # -- introspection ------------------------------------------------------------------------
 
     def statistics(self) -> QueueStatistics:
-        st = self._seg.stats()
+        st = self._seg.stats(self._ring)
         return QueueStatistics(
             maxsize=self._maxsize, qsize=st.count, closed=st.closed, inline_max=st.inline_max,
             max_message_size=self._max_message_size, chunk_classes=st.chunk_classes,
@@ -1058,34 +1211,84 @@ class _Unusable:
         raise type(self._reason)(str(self._reason))
 
 
+def _capacity_for(maxsize: int) -> int:
+    capacity = 2
+    while capacity < maxsize:
+        capacity *= 2
+    return capacity
+
+
+def ring_group(options: Sequence[Mapping[str, Any]]) -> list[Queue]:
+    """Queues that are rings of one segment, one per ``options`` entry (``Queue(**options)``
+    keywords: maxsize, max_bytes, max_message_size): the inputs of processors that share an
+    upstream, so a frame fanned out to all of them is one chunk with no copy
+    (:meth:`Queue._put_shared`). The chunk pool is the members' ``max_bytes`` together."""
+    if not 1 <= len(options) <= MAX_RINGS:
+        raise ValueError(f"a ring group has 1 to {MAX_RINGS} queues, got {len(options)}")
+    for opts in options:  # each as valid as a Queue of its own (same errors, same messages)
+        unknown = set(opts) - {"maxsize", "max_bytes", "max_message_size"}
+        if unknown:
+            raise TypeError(f"ring_group: unknown queue options {sorted(unknown)}")
+    maxsizes = [int(o.get("maxsize", DEFAULT_MAXSIZE)) for o in options]
+    for m in maxsizes:
+        _check_positive_int("maxsize", m)
+    max_bytes = sum(int(o.get("max_bytes", DEFAULT_MAX_BYTES)) for o in options)
+    messages = [int(o["max_message_size"]) for o in options
+                if o.get("max_message_size") is not None]
+    max_message_size = max(messages) if messages else None
+    if max_message_size is not None and max_message_size > max_bytes:
+        raise ValueError(f"max_message_size={max_message_size} is larger than max_bytes="
+                         f"{max_bytes}: raise max_bytes")
+    sizes, counts = plan_chunks(max_bytes, max_message_size, None)
+    config = SegmentConfig(_capacity_for(max(maxsizes)), max(maxsizes), DEFAULT_SLOT_SIZE,
+                           sizes, counts, tuple(maxsizes))
+    _check_memory(segment_size(config), max(maxsizes) * len(maxsizes), DEFAULT_SLOT_SIZE,
+                  max_bytes)
+    seg = Segment.create(config)
+    queues = [ring_queue(seg, i, m) for i, m in enumerate(maxsizes)]
+    seg.detach()  # the queues hold it now
+    return queues
+
+
 def _rebuild_queue(
-    memfd: Any, efd_data: Any, efd_space: Any, config: SegmentConfig, maxsize: int, spin: float
+    dupfds: tuple[Any, ...], config: SegmentConfig, maxsize: int, spin: float, ring: int
 ) -> Queue:
-    fds = [memfd.detach(), efd_data.detach(), efd_space.detach()]
+    fds = [d.detach() for d in dupfds]
     try:
-        return attach_fds((fds[0], fds[1], fds[2]), (config, maxsize, spin))
+        return attach_fds(tuple(fds), (config, maxsize, spin, ring))
     finally:
         for fd in fds:
             os.close(fd)
 
 
-QueueShape = tuple[SegmentConfig, int, float]
-"""What, besides its three fds, a process needs to attach to a queue (see :func:`share`)."""
+QueueShape = tuple[SegmentConfig, int, float, int]
+"""What, besides its segment's fds, a process needs to attach to a queue (see :func:`share`):
+the segment's shape, maxsize, spin, and which ring of the segment the queue is."""
 
 
-def share(q: Queue) -> tuple[tuple[int, int, int], QueueShape]:
-    """The queue's fds (memfd, data eventfd, space eventfd; still owned by q) and its shape:
-    send both to another process (e.g. ``socket.send_fds``) and call :func:`attach_fds` there.
-    Used by the pipe's control plane."""
-    return q._seg.fds(), (q._seg.config, q._maxsize, q._spin)
+def share(q: Queue) -> tuple[tuple[int, ...], QueueShape]:
+    """The queue's fds (the memfd, then two eventfds per ring of its segment; still owned by q)
+    and its shape: send both to another process (e.g. ``socket.send_fds``) and call
+    :func:`attach_fds` there. Used by the pipe's control plane."""
+    return q._seg.fds(), (q._seg.config, q._maxsize, q._spin, q._ring)
 
 
-def attach_fds(fds: tuple[int, int, int], shape: QueueShape) -> Queue:
+def attach_fds(fds: Sequence[int], shape: QueueShape, seg: Segment | None = None) -> Queue:
     """Attach to a queue from its fds and shape (from :func:`share`); the fds stay the
-    caller's (the segment duplicates what it keeps)."""
-    config, maxsize, spin = shape
+    caller's (the segment duplicates what it keeps). ``seg``: this process's attachment to
+    the same segment already (another ring of it), used instead of attaching again."""
+    config, maxsize, spin, ring = shape
     q = Queue.__new__(Queue)
-    q._setup(Segment.attach(fds[0], fds[1], fds[2], config), maxsize, spin)
+    q._setup(seg.add_user() if seg is not None else Segment.attach(fds, config), maxsize, spin,
+             ring)
+    return q
+
+
+def ring_queue(seg: Segment, ring: int, maxsize: int, spin: float = DEFAULT_SPIN) -> Queue:
+    """A queue over ring ``ring`` of a segment this process holds (the pipe's fan-out groups:
+    several processors' inputs in one segment, so one chunk can reach all of them)."""
+    q = Queue.__new__(Queue)
+    q._setup(seg.add_user(), maxsize, spin, ring)
     return q
 
 

@@ -26,7 +26,7 @@ import multiprocessing.util
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,7 @@ WAIT_CHUNK = int(lib.UPIPE_WAIT_CHUNK)
 MAX_CLASSES = int(lib.UPIPE_MAX_CLASSES)
 SLOT_HEADER = int(lib.UPIPE_SLOT_HEADER)
 MAX_ACTORS = int(lib.UPIPE_MAX_ACTORS)
+MAX_RINGS = int(lib.UPIPE_MAX_DATA_RINGS)
 
 # Lease states. MOVING: a put of it is under way (in one thread; others see it as not held).
 _HELD, _MOVED, _RELEASED, _MOVING = 0, 1, 2, 3
@@ -56,6 +57,28 @@ class SegmentConfig:
     slot_size: int
     chunk_sizes: tuple[int, ...]
     nchunks: tuple[int, ...]
+    #: Most items in each data ring (one entry per ring; 0 means ``limit``). A segment has
+    #: one ring unless it holds the inputs of several processors (the pipe's fan-out groups).
+    ring_limits: tuple[int, ...] = (0,)
+
+    @property
+    def nrings(self) -> int:
+        return len(self.ring_limits)
+
+    def to_c(self) -> Any:
+        """The ``struct upipe_config`` for this shape."""
+        cfg = ffi.new("struct upipe_config *")
+        cfg.ndata_rings = self.nrings
+        cfg.slot_size = self.slot_size
+        cfg.capacity = self.capacity
+        cfg.limit = self.limit
+        cfg.nclasses = len(self.chunk_sizes)
+        for i, (size, count) in enumerate(zip(self.chunk_sizes, self.nchunks, strict=True)):
+            cfg.chunk_size[i] = size
+            cfg.nchunks[i] = count
+        for i, limit in enumerate(self.ring_limits):
+            cfg.ring_limit[i] = limit
+        return cfg
 
 
 @dataclass(frozen=True)
@@ -79,11 +102,12 @@ class SegmentStats:
 class Lease:
     """This process's hold on one chunk. Alive while any view of it is alive."""
 
-    __slots__ = ("chunk", "state", "__weakref__")
+    __slots__ = ("chunk", "state", "shared", "__weakref__")
 
     def __init__(self, chunk: int) -> None:
         self.chunk = chunk
         self.state = _HELD
+        self.shared = False  # a fan-out's chunk: other processes read it too (never moved)
 
 
 _live_segments: weakref.WeakSet[Segment] = weakref.WeakSet()
@@ -136,44 +160,45 @@ class Segment:
         self._get_buffers: list[tuple[Any, Any]] = []
         self._get1_buffers: list[tuple[Any, Any]] = []
         self._reattach_callbacks: list[weakref.WeakMethod[Callable[[], None]]] = []
-        self.fd_data = int(lib.upipe_fd(handle, 1))
-        self.fd_space = int(lib.upipe_fd(handle, 2))
+        self._efds = self._read_efds()
+        self._users = 1  # queues over this attachment (one per ring): detach() at the last
         _live_segments.add(self)
 
     # -- creation and attachment ------------------------------------------------------------
 
+    def _read_efds(self) -> list[int]:
+        h = self._h
+        return [int(lib.upipe_fd(h, i)) for i in range(1, int(lib.upipe_nfds(h)))]
+
+    def efd(self, what: int, arg: int = 0) -> int:
+        """The eventfd a waiter for this condition listens on: each data ring has one for data
+        and one for space; a free chunk rings ring 0's space."""
+        if what == WAIT_READABLE:
+            return self._efds[2 * arg]
+        return self._efds[2 * arg + 1] if what == WAIT_WRITABLE else self._efds[1]
+
     @classmethod
     def create(cls, config: SegmentConfig) -> Segment:
-        cfg = ffi.new("struct upipe_config *")
-        cfg.ndata_rings = 1
-        cfg.slot_size = config.slot_size
-        cfg.capacity = config.capacity
-        cfg.limit = config.limit
-        cfg.nclasses = len(config.chunk_sizes)
-        for i, (size, count) in enumerate(zip(config.chunk_sizes, config.nchunks, strict=True)):
-            cfg.chunk_size[i] = size
-            cfg.nchunks[i] = count
         out = ffi.new("upipe_handle **")
-        rc = lib.upipe_create(cfg, out)
+        rc = lib.upipe_create(config.to_c(), out)
         if rc < 0:
             raise_for(rc, "creating the shared-memory segment")
         return cls(ffi.gc(out[0], lib.upipe_handle_unref), config)
 
     @classmethod
-    def attach(
-        cls, memfd: int, efd_data: int, efd_space: int, config: SegmentConfig,
-        timeout: float = 5.0,
-    ) -> Segment:
-        """Attach to a segment from its three fds (duplicated: the caller keeps its own)."""
+    def attach(cls, fds: Sequence[int], config: SegmentConfig, timeout: float = 5.0) -> Segment:
+        """Attach to a segment from its fds, as :meth:`fds` lists them (duplicated: the caller
+        keeps its own)."""
         out = ffi.new("upipe_handle **")
-        rc = lib.upipe_attach(memfd, efd_data, efd_space, int(timeout * 1e9), out)
+        efds = ffi.new("int[]", list(fds[1:]))
+        rc = lib.upipe_attach_fds(fds[0], efds, len(fds) - 1, int(timeout * 1e9), out)
         if rc < 0:
             raise_for(rc, "attaching to the shared-memory segment")
         return cls(ffi.gc(out[0], lib.upipe_handle_unref), config)
 
-    def fds(self) -> tuple[int, int, int]:
-        """The memfd and the two eventfds, as this process numbers them."""
-        return (int(lib.upipe_fd(self._h, 0)), self.fd_data, self.fd_space)
+    def fds(self) -> tuple[int, ...]:
+        """The memfd, then the eventfds (two per ring), as this process numbers them."""
+        return (int(lib.upipe_fd(self._h, 0)), *self._efds)
 
     def _reattach_in_child(self) -> None:
         # The parent's handle names the parent's table entry: never unref it here (that would
@@ -182,9 +207,8 @@ class Segment:
         if old is None:
             return
         out = ffi.new("upipe_handle **")
-        rc = lib.upipe_attach(
-            lib.upipe_fd(old, 0), lib.upipe_fd(old, 1), lib.upipe_fd(old, 2), int(5e9), out
-        )
+        efds = ffi.new("int[]", self._efds)
+        rc = lib.upipe_attach_fds(lib.upipe_fd(old, 0), efds, len(self._efds), int(5e9), out)
         ffi.gc(old, None)  # drop the destructor: unref would detach the parent's entry
         if rc < 0:
             self._h = None
@@ -203,8 +227,7 @@ class Segment:
         self._lock = threading.RLock()
         self._get_buffers = []
         self._get1_buffers = []
-        self.fd_data = int(lib.upipe_fd(self._h, 1))
-        self.fd_space = int(lib.upipe_fd(self._h, 2))
+        self._efds = self._read_efds()
         for ref in self._reattach_callbacks:
             cb = ref()
             if cb is not None:
@@ -215,25 +238,28 @@ class Segment:
 
     # -- items --------------------------------------------------------------------------------
 
-    def put_inline(self, data: Any, kind: int, meta: bytes = b"") -> int:
+    def put_inline(self, data: Any, kind: int, meta: bytes = b"", ring: int = 0) -> int:
         """Copy a small payload (bytes or any buffer) into a slot. Returns 0 or -errno."""
         if data.__class__ is not bytes:
             data = ffi.from_buffer(data)
-        return int(lib.upipe_put(self._h, 0, data, len(data), kind, meta, len(meta)))
+        return int(lib.upipe_put(self._h, ring, data, len(data), kind, meta, len(meta)))
 
-    def bytes_fast_paths(self) -> tuple[Callable[[bytes, int], int], Callable[[Any], int]]:
+    def bytes_fast_paths(
+        self, ring: int = 0
+    ) -> tuple[Callable[[bytes, int], int], Callable[[Any], int]]:
         """The C calls behind the queue's small-``bytes`` fast path:
         ``put(data, len) -> 0 | -errno`` (handle bound) and ``get(buf) -> len | -errno`` where
         buf, from :meth:`new_out_buffer`, carries the handle itself (one argument to convert);
         -EBADMSG means the next item needs the general path.
         Bound to this process's attachment: fetch them again after :meth:`on_reattach` fires.
         """
-        return functools.partial(lib.upipe_put_bytes, self._h), lib.upipe_get_into
+        return functools.partial(lib.upipe_put_bytes, self._h, ring), lib.upipe_get_into
 
     #: Offset of the payload in a buffer from new_out_buffer (after the handle and capacity).
     OUT_DATA = 16
-    #: Offset of the payload in a buffer from new_take_buffer (handle, cap, chunk, receipt).
-    TAKE_DATA = 24
+    #: Offset of the payload in a buffer from new_take_buffer (handle, cap, chunk, receipt,
+    #: ring).
+    TAKE_DATA = 32
 
     def take_fast_paths(self) -> tuple[Callable[[Any], int], Callable[[int], int]]:
         """The C calls behind :meth:`upipe.Queue` take/ack fast paths: ``take(buf) -> rc``
@@ -241,7 +267,7 @@ class Segment:
         chunk and receipt back) and ``ack(receipt) -> 0 | -errno`` (handle bound)."""
         return lib.upipe_take_into, functools.partial(lib.upipe_ack, self._h)
 
-    def new_take_buffer(self) -> tuple[Any, Any]:
+    def new_take_buffer(self, ring: int = 0) -> tuple[Any, Any]:
         """(buf, view) for one thread's fast-path take, as :meth:`new_out_buffer`: an inline
         payload of length n is ``view[TAKE_DATA:TAKE_DATA + n]`` (after meta_len meta bytes)."""
         raw = ffi.new("char[]", self.TAKE_DATA + self.inline_max)
@@ -250,6 +276,7 @@ class Segment:
         lib.upipe_handle_ref(handle)
         buf.h = handle
         buf.cap = self.inline_max
+        buf.ring = ring
         pid = os.getpid()
 
         def unref(_buf: Any, raw: Any = raw) -> None:  # raw: the memory lives as long as buf
@@ -262,7 +289,7 @@ class Segment:
         """(rc, kind, meta, payload) of what a fast-path take put in buf, for any shape."""
         return self._item(rc, buf.data, buf.chunk)
 
-    def new_out_buffer(self) -> tuple[Any, Any]:
+    def new_out_buffer(self, ring: int = 0) -> tuple[Any, Any]:
         """(buf, view): a private buffer for one thread's fast-path get, and a bytes view of it:
         the payload of a get that returned n is ``view[OUT_DATA:OUT_DATA + n]``. The buffer
         holds a C reference to the handle, so a detach cannot pull the mapping from under it."""
@@ -272,6 +299,7 @@ class Segment:
         lib.upipe_handle_ref(handle)
         buf.h = handle
         buf.cap = self.inline_max
+        buf.ring = ring
         pid = os.getpid()
 
         def unref(_buf: Any, raw: Any = raw) -> None:  # raw: the memory lives as long as buf
@@ -285,19 +313,33 @@ class Segment:
         self._reattach_callbacks.append(weakref.WeakMethod(callback))
 
     def put_many_inline(
-        self, data: bytes, lens: Any, first: int, byte_offset: int, n: int, kind: int
+        self, data: bytes, lens: Any, first: int, byte_offset: int, n: int, kind: int,
+        ring: int = 0,
     ) -> int:
         """Copy items first..first+n-1 of a run: payloads concatenated in data (item ``first``
         at ``byte_offset``), lengths in lens (an array('I') of the whole run). Returns how many
         went in (a prefix), or -errno."""
         data_ptr = ffi.from_buffer(data) + byte_offset
         lens_ptr = ffi.from_buffer("uint32_t[]", lens) + first
-        return int(lib.upipe_put_many(self._h, 0, data_ptr, lens_ptr, n, kind))
+        return int(lib.upipe_put_many(self._h, ring, data_ptr, lens_ptr, n, kind))
 
-    def put_chunk(self, chunk: int, nbytes: int, kind: int, meta: bytes) -> int:
-        return int(lib.upipe_put_chunk(self._h, 0, chunk, nbytes, kind, meta, len(meta)))
+    def put_chunk(self, chunk: int, nbytes: int, kind: int, meta: bytes, ring: int = 0) -> int:
+        return int(lib.upipe_put_chunk(self._h, ring, chunk, nbytes, kind, meta, len(meta)))
 
-    def get(self) -> tuple[int, int, bytes, Any]:
+    def put_shared(self, rings: int, chunk: int, nbytes: int, kind: int,
+                   meta: bytes) -> tuple[int, int, int]:
+        """Put one chunk into every ring whose bit is set in ``rings``, with no copy (see
+        upipe_put_shared): (rc, rings done, rings closed). The chunk stays held by this
+        process too, until :meth:`free_chunk`."""
+        out = ffi.new("uint64_t[2]")
+        rc = int(lib.upipe_put_shared(self._h, rings, chunk, nbytes, kind, meta, len(meta),
+                                      out, out + 1))
+        return rc, int(out[0]), int(out[1])
+
+    def chunk_shared(self, chunk: int) -> bool:
+        return bool(lib.upipe_chunk_shared(self._h, chunk))
+
+    def get(self, ring: int = 0) -> tuple[int, int, bytes, Any]:
         """Take one item: (rc, kind, meta, payload). rc < 0 is -errno and the rest is empty.
 
         The payload is ``bytes`` for an inline item, or a :class:`Lease`-backed read-only
@@ -309,7 +351,7 @@ class Segment:
             out = ffi.new("char[]", self.inline_max)
             chunk_out = ffi.new("uint32_t *")
         try:
-            rc = int(lib.upipe_get(self._h, 0, out, self.inline_max, chunk_out))
+            rc = int(lib.upipe_get(self._h, ring, out, self.inline_max, chunk_out))
             if rc < 0:
                 return rc, 0, b"", None
             return self._item(rc, out, chunk_out[0])
@@ -326,7 +368,8 @@ class Segment:
                 return rc, kind, raw[:mlen], raw[mlen:]
             return rc, kind, b"", raw
         meta = ffi.unpack(out, mlen) if mlen else b""
-        return rc, kind, meta, self.lease_view(chunk, n, readonly=True)
+        return rc, kind, meta, self.lease_view(chunk, n, readonly=True,
+                                               shared=self.chunk_shared(chunk))
 
     def ack(self, receipt: int) -> int:
         """Release a take's slot: 0, -ENOENT (not an unacked receipt of this attachment) or
@@ -340,7 +383,9 @@ class Segment:
     #: Most items one get_many call takes (its buffers are allocated once per thread).
     GET_MANY_MAX = 1024
 
-    def get_many_inline(self, kind: int, max_items: int) -> tuple[int, bytes, list[int] | int]:
+    def get_many_inline(
+        self, kind: int, max_items: int, ring: int = 0
+    ) -> tuple[int, bytes, list[int] | int]:
         """Take a run of up to max_items inline items of this kind: (rc, joined data, ends),
         where ends is the common item length (an int) when every item has the same length,
         else the list of end offsets."""
@@ -352,7 +397,8 @@ class Segment:
             out = ffi.new("char[]", self.GET_MANY_MAX * self.inline_max)
             ends = ffi.new("uint32_t[]", self.GET_MANY_MAX)
         try:
-            rc = int(lib.upipe_get_many(self._h, 0, kind, out, cap * self.inline_max, ends, cap))
+            rc = int(lib.upipe_get_many(self._h, ring, kind, out, cap * self.inline_max, ends,
+                                        cap))
             if rc <= 0:
                 return rc, b"", []
             same = int(lib.upipe_uniform_length(ends, rc))
@@ -374,9 +420,12 @@ class Segment:
     def class_for(self, nbytes: int) -> int:
         return int(lib.upipe_class_for(self._h, nbytes))
 
-    def lease_view(self, chunk: int, nbytes: int, readonly: bool) -> memoryview:
-        """A view of the first nbytes of a chunk this process holds; frees it when unreferenced."""
+    def lease_view(self, chunk: int, nbytes: int, readonly: bool,
+                   shared: bool = False) -> memoryview:
+        """A view of the first nbytes of a chunk this process holds; frees it when unreferenced.
+        A shared chunk (a fan-out) is seen by other processes too: its view is read-only."""
         lease = Lease(chunk)
+        lease.shared = shared
         ptr = lib.upipe_chunk_ptr(self._h, chunk)
         # The view holds a C reference on the handle, so the mapping outlives it even through
         # detach(); the raw pointer is what this lease frees and unrefs through.
@@ -501,24 +550,24 @@ class Segment:
 
     # -- control ------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        rc = int(lib.upipe_close(self._h, 0))
+    def close(self, ring: int = 0) -> None:
+        rc = int(lib.upipe_close(self._h, ring))
         if rc < 0:
             raise_for(rc, "closing the queue")
 
-    def debug_abandon(self, what: int) -> int:
+    def debug_abandon(self, what: int, ring: int = 0) -> int:
         """Tests only: leave a half-done slot as if killed mid-operation (see upipe.h)."""
-        return int(lib.upipe_debug_abandon(self._h, 0, what))
+        return int(lib.upipe_debug_abandon(self._h, ring, what))
 
-    def is_closed(self) -> bool:
-        return bool(lib.upipe_is_closed(self._h, 0) > 0)
+    def is_closed(self, ring: int = 0) -> bool:
+        return bool(lib.upipe_is_closed(self._h, ring) > 0)
 
     def recover(self) -> int:
         return int(lib.upipe_recover(self._h))
 
-    def stats(self) -> SegmentStats:
+    def stats(self, ring: int = 0) -> SegmentStats:
         st = ffi.new("struct upipe_stats *")
-        rc = int(lib.upipe_stats(self._h, 0, st))
+        rc = int(lib.upipe_stats(self._h, ring, st))
         if rc < 0:
             raise_for(rc, "reading statistics")
         classes = tuple(
@@ -535,13 +584,22 @@ class Segment:
             chunk_classes=classes, segment_bytes=int(st.segment_size),
         )
 
-    def count(self) -> int:
+    def count(self, ring: int = 0) -> int:
         st = ffi.new("struct upipe_stats *")
-        lib.upipe_stats(self._h, 0, st)
+        lib.upipe_stats(self._h, ring, st)
         return int(st.count)
 
+    def add_user(self) -> Segment:
+        """One more queue over this attachment (another ring): it detaches at the last one."""
+        self._users += 1
+        return self
+
     def detach(self) -> None:
-        """Drop this object's reference; the mapping goes when the last view does."""
+        """Drop this object's reference; the mapping goes when the last view does (and when the
+        last queue over it lets go, see :meth:`add_user`)."""
+        self._users -= 1
+        if self._users > 0:
+            return
         h, self._h = self._h, None
         _live_segments.discard(self)
         if h is not None:
@@ -549,16 +607,7 @@ class Segment:
 
 
 def segment_size(config: SegmentConfig) -> int:
-    cfg = ffi.new("struct upipe_config *")
-    cfg.ndata_rings = 1
-    cfg.slot_size = config.slot_size
-    cfg.capacity = config.capacity
-    cfg.limit = config.limit
-    cfg.nclasses = len(config.chunk_sizes)
-    for i, (size, count) in enumerate(zip(config.chunk_sizes, config.nchunks, strict=True)):
-        cfg.chunk_size[i] = size
-        cfg.nchunks[i] = count
-    rc = int(lib.upipe_segment_size(cfg))
+    rc = int(lib.upipe_segment_size(config.to_c()))
     if rc < 0:
         raise errors.UpipeError(f"invalid queue geometry: {config}")
     return rc
