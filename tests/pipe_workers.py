@@ -177,3 +177,21 @@ async def slow_doubler(proc: Processor) -> None:
     async for x in proc:
         await asyncio.sleep(proc.config["delay"])
         await proc.emit_sync(x * 2)
+
+
+async def frame_chunks(proc: Processor) -> None:
+    """Checks 1 MiB frames of value n (times config['scale'], default 1) and records which
+    chunk of its input's segment each one was (the fan-out tests compare them)."""
+    scale = proc.config.get("scale", 1)
+    n = bad = 0
+    writable = False
+    chunks = []
+    async for x in proc:
+        lease = proc._input._seg.lease_for(x) if proc._input is not None else None
+        chunks.append(-1 if lease is None else lease.chunk)
+        if x.shape != (262144,) or x.min() != scale * n or x.max() != scale * n:
+            bad += 1
+        writable |= bool(x.flags.writeable)
+        n += 1
+    write_report(proc, {"name": proc.name, "frames": n, "bad": bad, "writable": writable,
+                        "chunks": chunks})

@@ -7,7 +7,9 @@ dict (inline). Each carries its id and a CRC32 of its body, and :func:`check` ve
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import struct
 import time
 import zlib
@@ -100,3 +102,30 @@ def take_mark_ack(q: Queue, counts: Any, start: Any, seed: int, slow: float) -> 
                 time.sleep(rng.uniform(0, slow / 2))
             q.ack(receipt)
         held.clear()
+
+
+def take_shared_and_die(q: Any, ready: Any) -> None:
+    """Take one (shared, fan-out) chunk item from q, keep it unacked, and die by SIGKILL."""
+    item, _receipt = q.take(timeout=30)
+    assert not item.flags.writeable
+    ready.set()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fan_out_and_die(queues: list[Any], n: int, ready: Any) -> None:
+    """Fan n large frames out to queues, the last of which has room for one only: frame 1 on
+    waits for that room, holding its chunk. Then wait to be SIGKILLed with it held."""
+    import threading
+
+    import numpy as np
+
+    from upipe.queue import fan_out
+
+    def feed() -> None:
+        for i in range(n):
+            fan_out(queues, np.full(4096, i, np.int64))
+
+    threading.Thread(target=feed, daemon=True).start()
+    time.sleep(0.5)
+    ready.set()
+    time.sleep(60)
