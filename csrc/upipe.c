@@ -76,6 +76,22 @@ struct upipe_handle {
 /* ------------------------------------------------------------------------------------------ */
 /* small helpers                                                                              */
 
+/* Tests only (upipe_debug_abandon): an operation given a cut stops after that step and returns,
+ * leaving everything as a SIGKILL there would; NO_CUT runs it to the end. */
+#define NO_CUT (-1)
+/* Cut points of the shared-chunk paths (upipe_debug_abandon 16 on). */
+enum {
+    CUT_PUT_CLAIMED = 0,   /* put_shared, in one ring: the slot claimed, nothing written */
+    CUT_PUT_STAMPED = 1,   /* ... the slot written and stamped; the ring's bit not set */
+    CUT_PUT_RING_BIT = 2,  /* ... the ring's bit set; not published */
+    CUT_ACK_JOURNALED = 0, /* ack_shared: ACK journaled, the ack's own holder bit set */
+    CUT_ACK_RING_BIT = 1,  /* ... the ring's bit cleared; the slot not released */
+    CUT_ACK_RELEASED = 2,  /* ... the slot released; the ack's holder bit not dropped */
+    CUT_FREE_DROPPED = 0,  /* dropping our holder bit: cleared, nobody has looked */
+    CUT_FREE_WON = 1,      /* ... we won the right to free it (share FREEING + us) */
+    CUT_FREE_OWNED = 2     /* ... the chunk is ours (owner = our tag), not yet in its pool */
+};
+
 /* An identity for the calling thread, without a syscall: the address of a thread-local. */
 static uintptr_t this_thread(void)
 {
@@ -566,7 +582,7 @@ void upipe_handle_ref(upipe_handle *h)
 
 static int free_chunk_from(upipe_handle *h, uint32_t c, uint32_t expected_owner);
 static int give_back_all(upipe_handle *h);
-static int shared_unhold(upipe_handle *h, uint32_t c, uint32_t index);
+static int shared_drop_own(upipe_handle *h, uint32_t c, int cut);
 
 /* Hand back every chunk this process holds, except those an unacked take still names. */
 static int free_own_chunks(upipe_handle *h)
@@ -576,7 +592,7 @@ static int free_own_chunks(upipe_handle *h)
         struct upipe_chunk *ch = chunk_hdr(h, c);
         uint32_t owner = UPIPE_LOAD_ACQUIRE(&ch->owner);
         if (owner == UPIPE_OWNER_SHARED)
-            freed += shared_unhold(h, c, h->actor_index) == 0;
+            freed += shared_drop_own(h, c, NO_CUT) == 0;
         else if (owner == h->tag && !(UPIPE_LOAD_ACQUIRE(&ch->flags) & UPIPE_CHUNK_HELD))
             freed += free_chunk_from(h, c, h->tag) == 0;
     }
@@ -763,32 +779,51 @@ static int free_chunk_from(upipe_handle *h, uint32_t c, uint32_t expected_owner)
  * the incarnation number in share keeps a late clearer of an earlier incarnation from freeing
  * a later one.
  */
-static void shared_maybe_free(upipe_handle *h, uint32_t c)
+enum { LOOK_KEPT = 0, LOOK_FREED = 1, LOOK_CUT = 2 };
+static int shared_maybe_free(upipe_handle *h, uint32_t c, int cut)
 {
     struct upipe_chunk *ch = chunk_hdr(h, c);
     uint64_t sh = UPIPE_LOAD_SEQCST(&ch->share); /* before the bits: see above */
     if (UPIPE_SHARE_STATE(sh) != UPIPE_SHARE_LIVE)
-        return;
+        return LOOK_KEPT;
     if (UPIPE_LOAD_SEQCST(&ch->holders) | UPIPE_LOAD_SEQCST(&ch->rings))
-        return;
+        return LOOK_KEPT;
     uint64_t freeing = (sh & ~0xFFULL) | (UPIPE_SHARE_FREEING + h->actor_index);
     if (!UPIPE_CAS(&ch->share, &sh, freeing))
-        return; /* another clearer frees it, or it is another incarnation already */
+        return LOOK_KEPT; /* another clearer frees it, or it is another incarnation already */
     /* Ours to free. A death from here on: recovery sees FREEING + our index (owner still
      * SHARED) or our tag as owner, and frees it either way. */
+    if (cut == CUT_FREE_WON)
+        return LOOK_CUT;
     UPIPE_STORE_RELAXED(&ch->flags, 0);
     UPIPE_STORE_RELEASE(&ch->owner, h->tag);
+    if (cut == CUT_FREE_OWNED)
+        return LOOK_CUT;
     free_chunk_from(h, c, h->tag);
+    return LOOK_FREED;
 }
 
-/* Drop actor index's reference to shared chunk c; 0, or -EPERM if it held none. */
+/* Drop actor index's reference to shared chunk c (recovery, for a dead actor); 0, or -EPERM if
+ * it held none. */
 static int shared_unhold(upipe_handle *h, uint32_t c, uint32_t index)
 {
     uint64_t bit = actor_bit(index);
     if (!(UPIPE_FETCH_AND(&chunk_hdr(h, c)->holders, ~bit) & bit))
         return -EPERM;
-    shared_maybe_free(h, c);
+    shared_maybe_free(h, c, NO_CUT);
     return 0;
+}
+
+/* Drop this process's reference to shared chunk c (upipe_free, detach); 0, or -EPERM if it
+ * held none. */
+static int shared_drop_own(upipe_handle *h, uint32_t c, int cut)
+{
+    uint64_t bit = actor_bit(h->actor_index);
+    if (!(UPIPE_FETCH_AND(&chunk_hdr(h, c)->holders, ~bit) & bit))
+        return -EPERM;
+    if (cut == CUT_FREE_DROPPED)
+        return 0;
+    return shared_maybe_free(h, c, cut) == LOOK_CUT ? 1 : 0;
 }
 
 /* A consumer takes over ring ri's reference: holder bit first, then the ring's bit (so the
@@ -820,7 +855,7 @@ int upipe_free(upipe_handle *h, uint32_t chunk)
     struct upipe_chunk *ch = chunk_hdr(h, chunk);
     uint32_t owner = UPIPE_LOAD_ACQUIRE(&ch->owner);
     if (owner == UPIPE_OWNER_SHARED && h->actor)
-        return shared_unhold(h, chunk, h->actor_index);
+        return shared_drop_own(h, chunk, NO_CUT);
     if (owner != h->tag)
         return -EPERM;
     /* One RMW decides between this free and an ack in another thread (which clears HELD with
@@ -1009,9 +1044,11 @@ int64_t upipe_put_chunk(upipe_handle *h, uint32_t ring, uint32_t chunk, uint32_t
     return 0;
 }
 
-int upipe_put_shared(upipe_handle *h, uint64_t rings, uint32_t chunk, uint32_t len,
-                     uint16_t kind, const char *meta, uint16_t meta_len, uint64_t *done_out,
-                     uint64_t *closed_out)
+/* upipe_put_shared; with a cut (tests), it stops after that step in the first ring it puts
+ * into and returns 1. */
+static int put_shared(upipe_handle *h, uint64_t rings, uint32_t chunk, uint32_t len, uint16_t kind,
+                      const char *meta, uint16_t meta_len, uint64_t *done_out,
+                      uint64_t *closed_out, int cut)
 {
     *done_out = *closed_out = 0;
     uint32_t nr = h->hdr->ndata_rings;
@@ -1052,6 +1089,8 @@ int upipe_put_shared(upipe_handle *h, uint64_t rings, uint32_t chunk, uint32_t l
                 *closed_out |= bit;
             continue; /* no room: the caller waits and tries this ring again */
         }
+        if (cut == CUT_PUT_CLAIMED)
+            return 1;
         if (UPIPE_LOAD_SEQCST(&r->closed)) {
             write_tombstone(r, p);
             rec_put(h, rec);
@@ -1067,13 +1106,24 @@ int upipe_put_shared(upipe_handle *h, uint64_t rings, uint32_t chunk, uint32_t l
         if (meta_len)
             memcpy(s->data, meta, meta_len);
         UPIPE_STORE_RELEASE(&s->stamp, p); /* R2: the put is complete */
+        if (cut == CUT_PUT_STAMPED)
+            return 1;
         UPIPE_FETCH_OR(&ch->rings, bit);   /* the slot's reference, before anyone can see it */
+        if (cut == CUT_PUT_RING_BIT)
+            return 1;
         UPIPE_STORE_RELEASE(&s->seq, p + 1); /* R0 */
         rec_put(h, rec);
         ec_signal(h, &r->not_empty);
         *done_out |= bit;
     }
     return 0;
+}
+
+int upipe_put_shared(upipe_handle *h, uint64_t rings, uint32_t chunk, uint32_t len,
+                     uint16_t kind, const char *meta, uint16_t meta_len, uint64_t *done_out,
+                     uint64_t *closed_out)
+{
+    return put_shared(h, rings, chunk, len, kind, meta, meta_len, done_out, closed_out, NO_CUT);
 }
 
 static void maybe_recover_busy(upipe_handle *h)
@@ -1245,6 +1295,24 @@ int64_t upipe_take_into(struct upipe_takebuf *b)
     return upipe_take(b->h, b->ring, b->data, b->cap, &b->chunk, &b->receipt);
 }
 
+int64_t upipe_take_next(struct upipe_takebuf *b)
+{
+    if (b->held) {
+        int rc = upipe_ack(b->h, b->held);
+        b->held = 0;
+        if (rc < 0 && rc != -ESTALE) /* -ESTALE: recovery moved it away; it comes again */
+            return -ENOTRECOVERABLE;
+    }
+    int64_t rc = upipe_take(b->h, b->ring, b->data, b->cap, &b->chunk, &b->receipt);
+    if (rc < 0)
+        return rc;
+    b->held = b->receipt;
+    if (b->chunk == UINT32_MAX && (uint64_t)rc >> 32 == (uint64_t)UPIPE_KIND_BYTES << 16)
+        return rc & 0xFFFFFFFF; /* plain bytes, no meta: the common case */
+    b->item = rc;
+    return -EBADMSG;
+}
+
 int64_t upipe_get_many(upipe_handle *h, uint32_t ring, uint16_t kind, char *out,
                        uint64_t outcap, uint32_t *ends, uint32_t maxn)
 {
@@ -1392,8 +1460,9 @@ static void hold_done(upipe_handle *h, struct upipe_rec *rec)
  * is set for the duration (we may have dropped our views already), so the chunk cannot be
  * freed and reused under a recovery that finishes this ack.
  */
+#define ACK_CUT 1 /* ack(), ack_shared(): stopped at the cut (tests) */
 static int ack_shared(upipe_handle *h, struct upipe_rec *rec, struct upipe_ring *r, uint64_t q,
-                      uint32_t c)
+                      uint32_t c, int cut)
 {
     struct upipe_chunk *ch = chunk_hdr(h, c);
     struct upipe_slot *s = upipe_ring_slot(r, q);
@@ -1404,17 +1473,24 @@ static int ack_shared(upipe_handle *h, struct upipe_rec *rec, struct upipe_ring 
     }
     UPIPE_STORE_SEQCST(&rec->op, UPIPE_OP_ACK);
     uint64_t had = UPIPE_FETCH_OR(&ch->holders, me) & me;
+    if (cut == CUT_ACK_JOURNALED)
+        return ACK_CUT;
     UPIPE_FETCH_AND(&ch->rings, ~actor_bit(r->index));
+    if (cut == CUT_ACK_RING_BIT)
+        return ACK_CUT;
     uint64_t held = q + 1;
     int ok = UPIPE_CAS(&s->seq, &held, q + r->capacity); /* R1 */
+    if (cut == CUT_ACK_RELEASED)
+        return ACK_CUT;
     if (!had)
-        shared_unhold(h, c, h->actor_index);
+        shared_drop_own(h, c, NO_CUT);
     hold_done(h, rec);
     released_signal(h, r);
     return ok ? 0 : -ESTALE;
 }
 
-int upipe_ack(upipe_handle *h, uint64_t receipt)
+/* upipe_ack; a cut (tests) stops an ack of a shared chunk after that step (ACK_CUT). */
+static int ack(upipe_handle *h, uint64_t receipt, int cut)
 {
     struct upipe_rec *rec = hold_claim(h, receipt);
     if (!rec)
@@ -1427,7 +1503,7 @@ int upipe_ack(upipe_handle *h, uint64_t receipt)
     uint64_t held = q + 1;
     if (desc != UPIPE_DESC_INLINE && desc - 1 < h->hdr->total_chunks &&
         UPIPE_LOAD_ACQUIRE(&chunk_hdr(h, (uint32_t)(desc - 1))->owner) == UPIPE_OWNER_SHARED)
-        return ack_shared(h, rec, r, q, (uint32_t)(desc - 1));
+        return ack_shared(h, rec, r, q, (uint32_t)(desc - 1), cut);
     /* R1, as a CAS: should recovery ever have moved the item away (it judged us dead), the
      * slot is not ours to release any more. */
     int ok = UPIPE_CAS(&s->seq, &held, q + r->capacity);
@@ -1445,6 +1521,11 @@ int upipe_ack(upipe_handle *h, uint64_t receipt)
     hold_done(h, rec);
     released_signal(h, r);
     return ok ? 0 : -ESTALE;
+}
+
+int upipe_ack(upipe_handle *h, uint64_t receipt)
+{
+    return ack(h, receipt, NO_CUT);
 }
 
 /*
@@ -1471,7 +1552,6 @@ int upipe_ack(upipe_handle *h, uint64_t receipt)
  * later (recovery retries every 100 ms slice, and a producer that waits on this ring runs it).
  */
 enum { MOVE_DONE = 0, MOVE_NO_ROOM = 1, MOVE_CUT = 2 };
-#define NO_CUT (-1)
 /* Tests only (upipe_debug_abandon): stop after step k, leaving everything as a SIGKILL would. */
 #define CUT(k)                                                                                     \
     do {                                                                                           \
@@ -1798,15 +1878,82 @@ int upipe_close(upipe_handle *h, uint32_t ring)
 /* ------------------------------------------------------------------------------------------ */
 /* white-box test hook                                                                        */
 
+/* The lowest-numbered chunk this process holds (shared ones only: shared_only), or -ENOENT. */
+static int64_t first_held(upipe_handle *h, int shared_only)
+{
+    for (uint32_t c = 0; c < h->hdr->total_chunks; c++)
+        if (upipe_chunk_held(h, c) && (!shared_only || upipe_chunk_shared(h, c)))
+            return c;
+    return -ENOENT;
+}
+
+/* upipe_debug_abandon, what >= 16: the shared-chunk paths (see upipe.h). */
+static int abandon_shared(upipe_handle *h, uint32_t ring, int what)
+{
+    struct upipe_ring *r = ring_at(h, ring);
+    if (what < 19) { /* put_shared into this ring, cut */
+        int64_t c = first_held(h, 0);
+        if (c < 0)
+            return (int)c;
+        uint64_t done, closed;
+        uint32_t len = (uint32_t)upipe_chunk_size(h, (uint32_t)c);
+        int rc = put_shared(h, 1ULL << ring, (uint32_t)c, len, UPIPE_KIND_BYTES, NULL, 0, &done,
+                            &closed, what - 16);
+        return rc == 1 ? 0 : rc < 0 ? rc : -ENOBUFS; /* no room (or closed): nothing claimed */
+    }
+    if (what >= 25 && what < 28) { /* upipe_free, cut */
+        int64_t c = first_held(h, 1);
+        if (c < 0)
+            return (int)c;
+        int rc = shared_drop_own(h, (uint32_t)c, what - 25);
+        return rc == 0 && what > 25 ? -ERANGE : rc < 0 ? rc : 0; /* ERANGE: not the last */
+    }
+    char *buf = malloc(r->inline_max);
+    if (!buf)
+        return -ENOMEM;
+    uint32_t c = UINT32_MAX;
+    if (what >= 28) { /* a get, cut */
+        struct upipe_rec *rec = rec_get(h, UPIPE_OP_TAKE, ring);
+        uint64_t p;
+        int busy, shared = 0;
+        if (!upipe_ring_claim_cons(r, 1, UPIPE_RING_BULK, rec, &p, &busy)) {
+            free(buf);
+            rec_put(h, rec);
+            return -ENOENT;
+        }
+        copy_out(h, upipe_ring_slot(r, p), buf, &c, UPIPE_CHUNK_RECEIVED, &shared);
+        free(buf);
+        if (!shared)
+            return -EBADMSG; /* the slot stays claimed: the caller dies anyway */
+        if (what == 29)
+            UPIPE_FETCH_AND(&chunk_hdr(h, c)->rings, ~actor_bit(ring));
+        return 0;
+    }
+    /* take, (upipe_free,) ack cut */
+    uint64_t receipt;
+    int64_t rc = upipe_take(h, ring, buf, r->inline_max, &c, &receipt);
+    free(buf);
+    if (rc < 0)
+        return (int)rc;
+    if (c == UINT32_MAX || !upipe_chunk_shared(h, c))
+        return -EBADMSG;
+    if (what < 22 && upipe_free(h, c) != 0)
+        return -EPERM;
+    return ack(h, receipt, (what - 19) % 3) == ACK_CUT ? 0 : -ERANGE;
+}
+
 int upipe_debug_abandon(upipe_handle *h, uint32_t ring, int what)
 {
     /* Leave ring 'ring' the way a process killed at one instruction would, then return; the
      * caller SIGKILLs itself. what: 0 = put claimed, nothing written; 1 = put written and
      * stamped, not published; 2 = get claimed, not released; 3 = take held, never acked;
-     * 4 + k = take, then give it back but stop after step k of the move (redeliver()). The
-     * journal entries stay busy. */
-    if (bad_data_ring(h, ring) || what < 0 || what > 4 + 4)
+     * 4 + k = take, then give it back but stop after step k of the move (redeliver()); 16 on:
+     * the shared-chunk paths (abandon_shared, upipe.h lists them). The journal entries stay
+     * busy. */
+    if (bad_data_ring(h, ring) || what < 0 || (what > 4 + 4 && what < 16) || what > 29)
         return -EINVAL;
+    if (what >= 16)
+        return abandon_shared(h, ring, what);
     struct upipe_ring *r = ring_at(h, ring);
     uint64_t p;
     int busy;

@@ -95,9 +95,12 @@ struct upipe_takebuf {
     uint64_t receipt; /* out */
     uint32_t ring;
     uint32_t reserved;
+    uint64_t held; /* upipe_take_next: the receipt it acks first (0: none); the new take's */
+    int64_t item;  /* upipe_take_next: the take's full result when it is not plain bytes */
     char data[];
 };
 int64_t upipe_take_into(struct upipe_takebuf *b);
+int64_t upipe_take_next(struct upipe_takebuf *b);
 /* The common length of n items given their end offsets, or UINT32_MAX if they differ. */
 uint32_t upipe_uniform_length(const uint32_t *ends, uint32_t n);
 int64_t upipe_alloc(upipe_handle *h, uint64_t nbytes, uint32_t *chunk_out);
@@ -121,7 +124,9 @@ int upipe_close(upipe_handle *h, uint32_t ring);
 int upipe_is_closed(upipe_handle *h, uint32_t ring);
 int upipe_recover(upipe_handle *h);
 /* Tests only: leave a slot half-done as a SIGKILL would; the caller then kills itself.
- * 0 put claimed, 1 put stamped, 2 get claimed, 3 take held, 4 + k: nack cut after step k. */
+ * 0 put claimed, 1 put stamped, 2 get claimed, 3 take held, 4 + k: nack cut after step k;
+ * shared chunks: 16 + k put_shared, 19 + k take/free/ack, 22 + k take/ack, 25 + k free,
+ * 28/29 get, each cut after step k (upipe.h has the steps). */
 int upipe_debug_abandon(upipe_handle *h, uint32_t ring, int what);
 int upipe_stats(upipe_handle *h, uint32_t ring, struct upipe_stats *out);
 int upipe_pid_alive(uint32_t pid, uint64_t starttime);

@@ -152,9 +152,17 @@ struct upipe_takebuf {
     uint64_t receipt; /* out */
     uint32_t ring;
     uint32_t reserved;
+    uint64_t held; /* upipe_take_next: the receipt it acks first (0: none); the new take's */
+    int64_t item;  /* upipe_take_next: the take's full result when it is not plain bytes */
     char data[];
 };
 int64_t upipe_take_into(struct upipe_takebuf *b);
+/* A consumer's loop in one call: ack b->held (if any), then take the next item; its receipt
+ * goes to b->held (and b->receipt). Returns the length of an inline item of kind bytes without
+ * meta (its bytes at data); -EBADMSG when the item taken is of another shape (b->item holds
+ * what upipe_take returned, b->chunk its chunk); the errors of upipe_take; or
+ * -ENOTRECOVERABLE if the ack was refused (held was not an outstanding receipt). */
+int64_t upipe_take_next(struct upipe_takebuf *b);
 /* The common length of n items given their end offsets, or UINT32_MAX if they differ. */
 uint32_t upipe_uniform_length(const uint32_t *ends, uint32_t n);
 int64_t upipe_alloc(upipe_handle *h, uint64_t nbytes, uint32_t *chunk_out);
@@ -190,7 +198,23 @@ int upipe_recover(upipe_handle *h);
 /* Tests only: leave a slot half-done as a SIGKILL would; the caller then kills itself.
  * 0 put claimed, 1 put stamped, 2 get claimed, 3 take held (no ack), 4 + k: take, then give
  * it back (nack) but stop after step k of the move (see redeliver() in upipe.c); -ERANGE if the
- * move finished before step k. */
+ * move finished before step k.
+ * Shared chunks (fan-out), ring being the data ring it happens in:
+ *   16 + k  upipe_put_shared of the lowest-numbered chunk this process holds into ring (its
+ *           whole size as the payload, kind UPIPE_KIND_BYTES, no meta), stopped after step k:
+ *           0 slot claimed, 1 slot written and stamped, 2 the ring's bit set (not published);
+ *           -ENOBUFS if the ring had no room (nothing claimed).
+ *   19 + k  upipe_take from ring (its item must be a shared chunk: else -EBADMSG), upipe_free
+ *           of that chunk, then upipe_ack stopped after step k: 0 ACK journaled (the ack's own
+ *           holder bit set), 1 the ring's bit cleared, 2 the slot released (the ack's holder
+ *           bit not yet dropped).
+ *   22 + k  the same without the upipe_free (this process keeps its reference).
+ *   25 + k  upipe_free of the lowest-numbered shared chunk this process holds, stopped after
+ *           step k: 0 its holder bit cleared (nobody has looked for the last reference yet),
+ *           1 it won the right to free the chunk, 2 the chunk is its own again, not yet back in
+ *           its pool; -ERANGE for k > 0 if that was not the last reference (nothing to free).
+ *   28, 29  upipe_get from ring (a shared chunk item, else -EBADMSG), stopped after the holder
+ *           bit (28) or after the ring's bit is cleared too (29); the slot stays claimed. */
 int upipe_debug_abandon(upipe_handle *h, uint32_t ring, int what);
 int upipe_stats(upipe_handle *h, uint32_t ring, struct upipe_stats *out);
 

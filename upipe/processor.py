@@ -37,9 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from . import control, stats
-from .errors import Closed, Empty, Full, UpipeError
+from . import codec, control, stats
+from .errors import Closed, Empty, Full, TooManyTakes, UpipeError
 from .queue import _NOTHING, Queue, attach_fds, fan_out, fan_out_async
+from .segment import Segment
 
 __all__ = ["Processor", "ProcessorError"]
 
@@ -291,7 +292,12 @@ class Processor:
         self._reads = False  # it has asked for input: it ends with its input, not at an emit
         self._ended = False
         self._retired = False  # took a Retire: its input has ended for it alone
-        self._held: Any = None  # the receipt of the frame in hand (int token, or a Receipt)
+        # The frame in hand: a Receipt (from a take that waited), or the fast path's receipt,
+        # which lives in the take buffer (_tbuf.held) and is acked by the next take itself.
+        self._held: Any = None
+        self._tbuf: Any = None
+        self._tview: Any = None
+        self._take_next: Any = None
         # This worker's row of counters in the pipe's stats block (a list until joined).
         self._st: Any = [0] * stats.ROW_WORDS
         self._stats: stats.StatsBlock | None = None
@@ -391,6 +397,9 @@ class Processor:
             self._outputs = queues
         for q in self._outputs:
             q._copy_held = True  # forwarding the frame in hand into the same segment copies it
+        if self._input is not None:  # the input's fast path: ack the last frame, take the next
+            self._tbuf, self._tview = self._input._seg.new_take_buffer(self._input._ring)
+            self._take_next = Segment.take_next_fast_path()
         self._ctrl = sock
         self.instance = reply.instance
         self.pipe_name = reply.pipe
@@ -471,19 +480,39 @@ class Processor:
         """Ack the frame in hand, then take the next without waiting: a frame or _NOTHING.
         Raises Closed at the end of the stream."""
         held = self._held
-        if held is not None:
+        if held is not None:  # a Receipt, from a take that waited
             self._held = None
-            if held.__class__ is int:  # the common case inline: a raw receipt
-                rc = q._ack_b(held)
-                if rc and rc != -errno.ESTALE:  # -ESTALE: recovery moved it; it comes again
-                    raise UpipeError(f"ack failed: {os.strerror(-rc)}")
-            else:
-                q.ack(held)
-        got = q._take_token()
-        if got is None:
+            q.ack(held)
+        buf = self._tbuf
+        n = self._take_next(buf)  # one C call: ack the fast path's frame in hand, take the next
+        if n >= 0:
+            return self._tview[48:48 + n]  # Segment.TAKE_DATA: plain bytes, the common case
+        if n == -errno.EBADMSG:
+            return self._decode_taken(q, buf)
+        if n == -errno.ENOENT or n == -errno.EAGAIN:
             return _NOTHING
-        data, self._held = got
-        return data
+        if n == -errno.EPIPE:
+            raise Closed("the input is closed and drained")
+        if n == -errno.EDQUOT:
+            raise TooManyTakes(f"processor {self.name!r}: too many unacked takes")
+        if n == -errno.ENOTRECOVERABLE:
+            raise UpipeError(f"processor {self.name!r}: the ack of the frame in hand failed")
+        raise UpipeError(f"take failed: {os.strerror(-n)}")
+
+    @staticmethod
+    def _decode_taken(q: Queue, buf: Any) -> Any:
+        """A frame the fast path took that is not plain bytes (a chunk, an array, an object)."""
+        _rc, kind, meta, payload = q._seg.taken_item(int(buf.item), buf)
+        try:
+            return codec.decode(kind, meta, payload)
+        except Exception:  # it cannot be decoded here: consumed, as get() would have
+            token, buf.held = int(buf.held), 0
+            q._ack_token(token)
+            raise
+        except BaseException:  # interrupted (Ctrl-C): give it back
+            token, buf.held = int(buf.held), 0
+            q._seg.nack(token)
+            raise
 
     @staticmethod
     def _ack(q: Queue, held: Any) -> None:
@@ -495,10 +524,17 @@ class Processor:
     def _ack_held(self) -> None:
         """The frame in hand is done (the end of the stream, or the worker leaving normally)."""
         held, q = self._held, self._input
-        if held is not None and q is not None:
+        if q is None:
+            return
+        if held is not None:
             self._held = None
             with contextlib.suppress(UpipeError):
                 self._ack(q, held)
+        buf = self._tbuf
+        if buf is not None and buf.held:
+            token, buf.held = int(buf.held), 0
+            with contextlib.suppress(UpipeError):
+                q._ack_token(token)
 
     def _arrived(self, data: Any) -> Any:
         """A frame came in: count it, or act on a retire request."""

@@ -745,7 +745,7 @@ class Queue:
         buf, view = tbufs.pop() if tbufs else self._seg.new_take_buffer(self._ring)
         rc = self._take_b(buf)  # a C call: it does not raise
         if rc >= 0 and rc >> 32 == _BYTES_NO_META and buf.chunk == NO_CHUNK:
-            got = view[32:32 + (rc & 0xFFFFFFFF)], buf.receipt  # Segment.TAKE_DATA
+            got = view[48:48 + (rc & 0xFFFFFFFF)], buf.receipt  # Segment.TAKE_DATA
             tbufs.append((buf, view))
             return got
         if rc >= 0:

@@ -262,14 +262,22 @@ class Segment:
     #: Offset of the payload in a buffer from new_out_buffer (after the handle and capacity).
     OUT_DATA = 16
     #: Offset of the payload in a buffer from new_take_buffer (handle, cap, chunk, receipt,
-    #: ring).
-    TAKE_DATA = 32
+    #: ring, held, item).
+    TAKE_DATA = 48
 
     def take_fast_paths(self) -> tuple[Callable[[Any], int], Callable[[int], int]]:
         """The C calls behind :meth:`upipe.Queue` take/ack fast paths: ``take(buf) -> rc``
         (rc as :meth:`take`'s; buf from :meth:`new_take_buffer` carries the handle, and gets the
         chunk and receipt back) and ``ack(receipt) -> 0 | -errno`` (handle bound)."""
         return lib.upipe_take_into, functools.partial(lib.upipe_ack, self._h)
+
+    @staticmethod
+    def take_next_fast_path() -> Callable[[Any], int]:
+        """``take_next(buf) -> n | -errno``: ack ``buf.held``, then take the next item (see
+        upipe_take_next): n, the length of plain bytes at ``view[TAKE_DATA:]``; -EBADMSG for
+        an item of another shape (decode it with :meth:`taken_item` from ``buf.item``)."""
+        take_next: Callable[[Any], int] = lib.upipe_take_next
+        return take_next
 
     def new_take_buffer(self, ring: int = 0) -> tuple[Any, Any]:
         """(buf, view) for one thread's fast-path take, as :meth:`new_out_buffer`: an inline
