@@ -7,12 +7,12 @@ Run ``python benchmarks/fanout_bench.py [--quick] [--repeat 3] [--out FILE]``. P
 and saves JSON (default ``benchmarks/results/fanout_bench.json``).
 
 The clock runs from the moment the last sink has received frame 50 (every worker has started)
-to the last frame. The source writes frame i as ``alloc_array`` filled with i (``zerocopy``) or as an ordinary
-array (``copy``: one copy into the shared chunk, whatever k is). Each sink checks three elements
-of every frame (first, middle, last: the transport is what is measured, not a full scan), the
-count and the order, and records which chunk each of the first frames was; the parent checks
-that every sink saw every frame and that all k sinks saw the *same chunk* for each frame (no
-copy per downstream). A failed check makes the script exit non-zero.
+to the last frame. The source writes frame i as ``alloc_array`` filled with i (``zerocopy``) or
+as an ordinary array (``copy``: one copy into the shared chunk, whatever k is). Each sink
+checks three elements of every frame (first, middle, last: the transport is what is measured,
+not a full scan), the count and the order, and records which chunk each of the first frames
+was; the parent checks that every sink saw every frame and that all k sinks saw the *same
+chunk* for each frame (no copy per downstream). A failed check makes the script exit non-zero.
 """
 
 from __future__ import annotations
