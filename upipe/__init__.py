@@ -7,6 +7,8 @@ The core is :class:`Queue`, a bounded MPMC queue in a shared-memory segment with
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     Closed,
     Empty,
@@ -21,9 +23,11 @@ from .errors import (
     UpipeError,
     VersionMismatch,
 )
-from .pipe import Pipe, PipeStatistics
 from .processor import Processor, ProcessorError
 from .queue import Queue, QueueStatistics, Receipt
+
+if TYPE_CHECKING:
+    from .pipe import Pipe, PipeStatistics
 
 __version__ = "0.1.0"
 
@@ -49,3 +53,14 @@ __all__ = [
     "VersionMismatch",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Pipe on first use: a worker process (which imports upipe to join its pipe) never needs
+    # upipe.pipe, the autoscaler or psutil, and importing them slows every worker's start.
+    if name in ("Pipe", "PipeStatistics"):
+        from . import pipe
+
+        value = globals()[name] = getattr(pipe, name)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import pickle
 import struct
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np  # imported when an item is an ndarray (or becomes one): not for bytes
 
 KIND_BYTES = 1
 KIND_BYTEARRAY = 2
@@ -89,7 +91,8 @@ def encode(obj: Any, meta_max: int) -> Encoded:
         if len(meta) <= meta_max:
             flat = view.cast("B") if view.ndim != 1 or view.format != "B" else view
             return Encoded(KIND_MEMORYVIEW, meta, [flat], view.nbytes)
-    elif cls is np.ndarray and plain_dtype(obj.dtype):
+    elif cls is getattr(sys.modules.get("numpy"), "ndarray", None) and plain_dtype(obj.dtype):
+        np = sys.modules["numpy"]  # upipe does not import numpy: without it, no ndarray exists
         arr = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)
         meta = encode_shape(arr.dtype.str, arr.shape)
         if len(meta) <= meta_max:
@@ -133,6 +136,8 @@ def decode(kind: int, meta: bytes, payload: Any) -> Any:
             return cast(fmt, shape) if shape else cast(fmt)
         return view
     if kind == KIND_NDARRAY:
+        import numpy as np
+
         fmt, shape = decode_shape(meta)
         arr = np.frombuffer(payload, dtype=np.dtype(fmt)).reshape(shape)
         arr.flags.writeable = False

@@ -29,15 +29,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import psutil
+from typing import TYPE_CHECKING, Any
 
 from . import control, stats, worker
 from .autoscale import Autoscaler, Knobs
 from .errors import Closed, Empty, UpipeError
 from .processor import RETIRE, Processor, ProcessorError, _check_main_guard
 from .queue import Queue, fan_out_async, ring_group, share
+
+if TYPE_CHECKING:
+    import psutil  # imported by snapshot(): spawned workers import the pipe script, not psutil
 
 __all__ = ["Pipe", "PipeStatistics"]
 
@@ -409,8 +410,10 @@ class Pipe:
             ctx: Any = multiprocessing.get_context(self.start_method)
             if self.start_method == "forkserver":
                 # Takes effect when this process's fork server starts: its workers then fork
-                # with upipe (and numpy) already imported, a fraction of a cold start.
-                ctx.set_forkserver_preload(["upipe", "upipe._forkserver"])
+                # with upipe already imported (and numpy if this script imported it; upipe
+                # does not), a fraction of a cold start.
+                ctx.set_forkserver_preload(["upipe.pipe", "upipe._forkserver"]
+                                           + (["numpy"] if "numpy" in sys.modules else []))
             handle = ctx.Process(
                 target=worker.run_worker, args=(proc.func, node.name, env),
                 name=f"upipe:{self.name}:{node.name}:{instance}",
@@ -1066,6 +1069,8 @@ class Pipe:
         """Everything a monitor shows, as plain data: the pipe, each processor's statistics
         (see :meth:`statistics`), topology and instance bounds, and each worker's CPU time and
         memory (psutil). ``upipe status`` and ``upipe top`` get this over the control socket."""
+        import psutil
+
         st = self.statistics()
         procs: dict[str, Any] = {}
         for name, entry in st.processors.items():

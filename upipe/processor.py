@@ -33,14 +33,15 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from . import codec, control, stats
 from .errors import Closed, Empty, Full, TooManyTakes, UpipeError
 from .queue import _NOTHING, Queue, attach_fds, fan_out, fan_out_async
 from .segment import Segment
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["Processor", "ProcessorError"]
 
@@ -783,7 +784,7 @@ class Processor:
         self._check_joined()
         return self._outputs[0].alloc(nbytes, True, timeout)
 
-    def alloc_array(self, shape: int | Sequence[int], dtype: Any = np.float64,
+    def alloc_array(self, shape: int | Sequence[int], dtype: Any = "float64",
                     timeout: float | None = None) -> np.ndarray:
         """A writable ndarray in shared memory (see :meth:`alloc`)."""
         self._check_joined()

@@ -14,10 +14,7 @@ import time
 from array import array
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-import psutil
+from typing import TYPE_CHECKING, Any
 
 from . import aio, codec
 from .errors import (
@@ -54,6 +51,9 @@ from .segment import (
     SegmentConfig,
     segment_size,
 )
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where arrays are made: a worker that moves bytes never needs it
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -140,6 +140,8 @@ def _check_timeout(timeout: float | None) -> float | None:
 def _check_memory(needed: int, maxsize: int, slot_size: int, max_bytes: int) -> None:
     """Refuse a segment larger than the memory available now: reserving it would wake the
     kernel's OOM killer (which picks a victim, maybe not us) instead of failing cleanly."""
+    import psutil  # here: a worker attaches queues, it never creates one
+
     available = psutil.virtual_memory().available
     if needed > available:
         raise ShmExhausted(
@@ -1053,11 +1055,13 @@ class Queue:
     def alloc_array(
         self,
         shape: int | Sequence[int],
-        dtype: Any = np.float64,
+        dtype: Any = "float64",
         block: bool = True,
         timeout: float | None = None,
     ) -> np.ndarray:
         """A writable ndarray in shared memory (see :meth:`alloc`)."""
+        import numpy as np
+
         dt = dtype if dtype.__class__ is np.dtype else np.dtype(dtype)
         if not codec.plain_dtype(dt):
             raise ValueError(f"alloc_array needs a plain dtype (no objects or fields), got {dt}")
@@ -1192,6 +1196,8 @@ def _split_uniform(data: bytes, length: int, n: int) -> list[bytes]:
     byte, trailing zeros included, and builds the list in C)."""
     if length == 0:
         return [b""] * n
+    import numpy as np
+
     items: list[bytes] = np.frombuffer(data, dtype=f"V{length}").tolist()
     return items
 

@@ -24,13 +24,12 @@ import errno
 import functools
 import multiprocessing.util
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from . import errors
 from ._ffi import ffi, lib, raise_for
@@ -475,10 +474,12 @@ class Segment:
         if not self._leases:
             return None
         o = obj
+        # numpy not imported (it is not upipe's to import): obj cannot be an ndarray
+        ndarray: Any = getattr(sys.modules.get("numpy"), "ndarray", ())
         for _ in range(16):
             if isinstance(o, memoryview):
                 o = o.obj
-            elif isinstance(o, np.ndarray):
+            elif isinstance(o, ndarray):
                 if o.base is None:
                     return None
                 o = o.base
