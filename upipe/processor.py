@@ -48,6 +48,8 @@ __all__ = ["Processor", "ProcessorError"]
 DEFAULT_RESTARTS = 3
 DEFAULT_QUEUE_SIZE = 256
 _PR_SET_PDEATHSIG = 1
+# hot: module globals, not attributes
+_FRAMES_IN, _FRAMES_OUT, _BYTES_OUT = stats.FRAMES_IN, stats.FRAMES_OUT, stats.BYTES_OUT
 
 
 class Retire:
@@ -286,6 +288,9 @@ class Processor:
         self._ctrl: socket.socket | None = None
         self._ctrl_lock = threading.Lock()
         self._stopping = False  # the pipe is terminating and this processor is a source
+        # (put, inline_max) of the only output, for emit_sync's fast path; None when there are
+        # several outputs, or once stopping (the slow path checks it).
+        self._emit1: tuple[Callable[[bytes, int], int], int] | None = None
         self._term_requested = False  # a SIGTERM came (perhaps before the join)
         self._is_root = False  # known at the join
         self._leaving = False  # close() was called: the control connection ends on purpose
@@ -398,6 +403,8 @@ class Processor:
             self._outputs = queues
         for q in self._outputs:
             q._copy_held = True  # forwarding the frame in hand into the same segment copies it
+        if len(self._outputs) == 1 and not self._stopping:
+            self._emit1 = (self._outputs[0]._put_b, self._outputs[0]._inline_max)
         if self._input is not None:  # the input's fast path: ack the last frame, take the next
             self._tbuf, self._tview = self._input._seg.new_take_buffer(self._input._ring)
             self._take_next = Segment.take_next_fast_path()
@@ -456,6 +463,7 @@ class Processor:
         if not self._is_root:
             return
         self._stopping = True
+        self._emit1 = None
         if self._waiting_to_emit and not self._reads:
             raise SystemExit(0)
 
@@ -659,7 +667,7 @@ class Processor:
                 self._arrived(data)
                 return
             else:
-                st[stats.FRAMES_IN] += 1
+                st[_FRAMES_IN] += 1
             yield data
             data = None  # ours no more: a zero-copy frame's chunk can go back while we wait
 
@@ -707,16 +715,15 @@ class Processor:
 
         :raises upipe.Full: still no room after ``timeout`` seconds.
         """
-        outs = self._outputs
-        if data.__class__ is bytes and len(outs) == 1 and not self._stopping:
-            # The common case, small bytes with room downstream: the queue's own fast path
-            # (one C call), nothing else.
-            q = outs[0]
+        fast = self._emit1
+        if fast is not None and data.__class__ is bytes:
+            # The common case, small bytes to one downstream with room: the queue's own fast
+            # path (one C call), nothing else.
             n = len(data)
-            if n <= q._inline_max and q._put_b(data, n) == 0:
+            if n <= fast[1] and fast[0](data, n) == 0:
                 st = self._st
-                st[stats.FRAMES_OUT] += 1
-                st[stats.BYTES_OUT] += n
+                st[_FRAMES_OUT] += 1
+                st[_BYTES_OUT] += n
                 return
         outs = self._targets(data)
         size = _payload_size(data)
@@ -796,6 +803,7 @@ class Processor:
         """Leave the pipe (workers do this at exit by themselves)."""
         self._ack_held()
         self._stopping = self._leaving = True
+        self._emit1 = None
         for q in ([self._input] if self._input else []) + self._outputs:
             q.detach()
         self._input, self._outputs = None, []
