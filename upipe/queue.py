@@ -355,6 +355,8 @@ class _FanOut:
     def attempt(self) -> tuple[int, int] | None:
         """Try once for every ring still to do: None when all have it, else (what, arg) to wait
         for. Raises Closed at the end if a ring was closed."""
+        if not self.todo:
+            return None  # done already
         seg, enc = self.seg, self.enc
         if self.inline:
             data = enc.joined()
@@ -421,7 +423,9 @@ class _FanOut:
                 wait = self.attempt()
                 if wait is None:
                     return
-                if not q._block(wait, deadline) and self.attempt() is not None:
+                if not q._block(wait, deadline):
+                    if self.attempt() is None:  # one last try past the deadline
+                        return
                     raise Full(f"{_full_reason(wait)} after {timeout} s")
         finally:
             self.finish()
