@@ -30,7 +30,7 @@ def test_every_example_is_tested() -> None:
     names = {str(p.relative_to(ROOT / "examples")) for p in EXAMPLES}
     assert names >= {"queue_demo.py", "zero_copy_frames.py", "async_queue.py",
                      "subprocess_attach.py", "inline.py", "plus_one/pipe.py", "demo.py",
-                     "numpy_frames.py", "request_response.py"}
+                     "numpy_frames.py", "request_response.py", "fan_out.py"}
 
 
 def _shell_blocks(text: str) -> list[str]:
