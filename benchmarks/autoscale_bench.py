@@ -27,16 +27,11 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import datetime
-import hashlib
-import importlib.metadata
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +40,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import upipe
+import _common  # benchmarks/_common.py, beside this script
+
 from upipe import Pipe, Processor
 from upipe.autoscale import Knobs
 
@@ -443,51 +439,10 @@ def summarize_auto(res: dict[str, Any], best: float, timing: dict[str, float]) -
 
 
 def machine_info() -> dict[str, Any]:
-    def version(dist: str) -> str | None:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    git_rev = None
-    pkg = Path(upipe.__file__).resolve().parent
-    try:  # the revision of the package measured (PYTHONPATH may point to another tree)
-        repo = pkg.parent
-        git_rev = subprocess.run(
-            ["git", "-C", str(repo), "describe", "--always", "--dirty"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    digest = hashlib.sha256()
-    for path in sorted(pkg.glob("*.py")) + sorted(pkg.glob("*.so")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     from upipe.autoscale import cpu_budget
 
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_budget": cpu_budget(),
-        "cpu_model": cpu_model,
-        "machine": platform.machine(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "versions": {name: version(name) for name in ("upipe", "psutil", "cffi")},
-        "upipe_git": git_rev,
-        "upipe_path": str(pkg),
-        "upipe_source_sha256": digest.hexdigest()[:16],
-        "loadavg_1min": _loadavg(),
-    }
+    return {**_common.machine_info(("upipe", "psutil", "cffi")), "cpu_budget": cpu_budget(),
+            "loadavg_1min": _loadavg()}
 
 
 def _fmt(x: float | None, digits: int = 0, unit: str = "") -> str:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _common  # benchmarks/_common.py, beside this script
 import numpy as np
 
 from upipe import Pipe, Processor
@@ -134,10 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{entry['delivered_gb_per_s']:15.2f}  {entry['same_chunk'] if k > 1 else '-'}"
                   + (f"  FAILED: {errors[0]}" if errors else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"count": count, "repeat": args.repeat,
-                                    "python": sys.version.split()[0],
-                                    "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                    "results": results}, indent=1))
+    args.out.write_text(json.dumps({"machine": _common.machine_info(), "count": count,
+                                    "repeat": args.repeat, "results": results}, indent=1))
     print(f"results written to {args.out}")
     return 1 if failed else 0
 

@@ -18,19 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import faulthandler
-import hashlib
-import importlib.metadata
 import json
 import multiprocessing as mp
 import multiprocessing.connection
 import multiprocessing.forkserver
 import os
-import platform
 import resource
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _common  # benchmarks/_common.py, beside this script
 import numpy as np
 
 import upipe
@@ -586,49 +582,7 @@ def make_entry(case: Case, runs: list[dict[str, Any]],
 
 
 def machine_info() -> dict[str, Any]:
-    def version(dist: str) -> str | None:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    git_rev = None
-    try:
-        repo = Path(__file__).resolve().parent.parent
-        git_rev = subprocess.run(
-            ["git", "-C", str(repo), "describe", "--always", "--dirty"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    # upipe changes under our feet during development: fingerprint exactly what was measured.
-    digest = hashlib.sha256()
-    pkg = Path(upipe.__file__).resolve().parent
-    for path in sorted(pkg.glob("*.py")) + sorted(pkg.glob("*.so")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "machine": platform.machine(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "python_implementation": platform.python_implementation(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "versions": {name: version(name) for name in ("upipe", "numpy", "cffi")},
-        "upipe_git": git_rev,
-        "upipe_path": str(pkg),  # the package measured (PYTHONPATH may point elsewhere)
-        "upipe_source_sha256": digest.hexdigest()[:16],
-    }
+    return _common.machine_info(("upipe", "numpy", "cffi"))
 
 
 def _fmt(x: float | None, unit: float = 1.0, digits: int = 0) -> str:
