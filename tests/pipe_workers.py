@@ -195,3 +195,28 @@ async def frame_chunks(proc: Processor) -> None:
         n += 1
     write_report(proc, {"name": proc.name, "frames": n, "bad": bad, "writable": writable,
                         "chunks": chunks})
+
+
+async def array_source(proc: Processor) -> None:
+    """config['count'] int64 arrays of config['elems'] elements, array i filled with i."""
+    for i in range(proc.config["count"]):
+        await proc.emit_sync(np.full(proc.config["elems"], i, np.int64))
+
+
+async def array_collect(proc: Processor) -> None:
+    """Records the value of every array (checking that it is uniform) in its report, after
+    every frame; slow if config['delay']."""
+    delay = proc.config.get("delay", 0)
+    seen = []
+    bad = 0
+    async for x in proc:
+        v = int(x[0])
+        bad += int(x.min() != v or x.max() != v)
+        seen.append(v)
+        del x
+        if delay:
+            await asyncio.sleep(delay)
+        # Before the frame is acked (at the next one): a killed instance leaves behind what it
+        # saw, and the frame it was on goes to its sibling.
+        write_report(proc, {"seen": seen, "bad": bad})
+    write_report(proc, {"seen": seen, "bad": bad})

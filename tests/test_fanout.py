@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
+import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import pytest
 import take_workers as tw
 
 from upipe import Closed, Full, Pipe, Processor, Queue
-from upipe.queue import fan_out, fan_out_async, ring_group
+from upipe.queue import fan_out, fan_out_async, ring_group, ring_queue
 
 SPAWN = mp.get_context("spawn")
 FORK = mp.get_context("fork")
@@ -276,3 +278,54 @@ def test_fan_out_groups_are_rings_of_one_segment(no_leaks: None) -> None:
     finally:
         for q in pipe._queues():
             q.detach()
+
+
+@pytest.mark.timeout(180)
+def test_sigkilled_fan_out_consumers_lose_nothing_and_leak_no_chunk(tmp_path: Path,
+                                                                    no_leaks: None) -> None:
+    """Frames of 64 KiB fanned out to 'a' (2 instances, SIGKILLed 6 times) and 'b': both get
+    every frame (at-least-once), and when the pipe is done every chunk of the group is free
+    again (a dead holder's references were dropped by recovery)."""
+    report = str(tmp_path / "r")
+    n = 600
+    rng = random.Random(11)
+
+    async def main() -> tuple[dict[str, int], int, int]:
+        async with Pipe("fan-out-chaos", autoscaler=False) as pipe:
+            src = pipe.add(Processor("src", func=pw.array_source,
+                                     config={"count": n, "elems": 8192}))
+            src.add(Processor("a", func=pw.array_collect, instances=2, restarts=20,
+                              config={"report": report, "delay": 0.002}))
+            src.add(Processor("b", func=pw.array_collect, config={"report": report}))
+            await pipe.start()
+            a_in = pipe._nodes["a"].input
+            assert a_in is not None and pipe._nodes["b"].input is not None
+            assert a_in._seg is pipe._nodes["b"].input._seg, "one group"
+            # Our own queue over the group's segment, to look at its pool after the pipe is done.
+            watch = ring_queue(a_in._seg, 0, 8)
+            killed = 0
+            while killed < 6:
+                await asyncio.sleep(rng.uniform(0.05, 0.2))
+                workers = [w for w in pipe._nodes["a"].workers.values() if w.joined]
+                if workers and not pipe._nodes["a"].finished:
+                    os.kill(rng.choice(workers).pid, signal.SIGKILL)
+                    killed += 1
+            await pipe.wait_for_completion()
+        try:  # every worker is gone: every reference to a chunk must have been dropped
+            watch.recover()
+            return pipe.statistics().processors["a"], free_chunks(watch), total_chunks(watch)
+        finally:
+            watch.detach()
+
+    a_stats, free, total = run(main())
+    assert a_stats["restarts"] == 6
+    by_name: dict[str, set[int]] = {"a": set(), "b": set()}
+    counts = {"a": 0, "b": 0}
+    for name in ("a", "b"):
+        for r in pw.read_reports(f"{report}.{name}"):
+            assert r["bad"] == 0
+            by_name[name] |= set(r["seen"])
+            counts[name] += len(r["seen"])
+    assert by_name["b"] == set(range(n)) and counts["b"] == n, "b saw every frame once"
+    assert by_name["a"] == set(range(n)), "a saw every frame despite the kills"
+    assert free == total, f"{total - free} chunks still held after the pipe finished"
