@@ -8,7 +8,10 @@
  *   chunk between holders, so a dead holder's chunks are exactly those whose owner is its tag.
  *   The one exception is a chunk a producer fans out to several rings (upipe_put_shared): it
  *   becomes SHARED, held by a set of actors and a set of ring slots, one bit each (struct
- *   upipe_chunk), and is freed by whoever clears the last bit (shared_maybe_free).
+ *   upipe_chunk), and is freed by whoever clears the last bit (shared_maybe_free). A holder
+ *   bit is per process, whatever number of its threads hold the chunk; the process's own
+ *   changes of it are serialized (bits_lock), so no internal use of the bit (an ack's) can
+ *   take away a reference another of its threads just acquired.
  * - Every claim of ring positions is preceded by a journal entry (struct upipe_rec) naming the
  *   ring and positions, and the entry is cleared only after the slots are published / released.
  *   So a claimed-but-unfinished slot always has a journal entry naming it, in a live or a dead
@@ -71,6 +74,9 @@ struct upipe_handle {
     _Atomic uintptr_t hold_thread[UPIPE_RECS_PER_ACTOR]; /* the taker (this_thread()) */
     _Atomic uint64_t hold_serial;
     _Atomic uint32_t nholds; /* holds plus takes in progress, at most UPIPE_MAX_HOLDS */
+    /* Serializes this process's changes of its own holder bit on shared chunks (bits_lock):
+     * one bit stands for all of its threads' references. */
+    _Atomic uint32_t bits_lock;
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -168,6 +174,24 @@ static void rec_put(upipe_handle *h, struct upipe_rec *rec)
     uint64_t bit = 1ULL << (uint64_t)(rec - h->actor->recs);
     UPIPE_STORE_RELEASE(&rec->op, UPIPE_OP_NONE); /* after the publish / release it covers */
     atomic_fetch_and_explicit(&h->recs_busy, ~bit, memory_order_release);
+}
+
+/* The process-local lock on this process's holder bit (held for a few atomics, never across a
+ * wait or a syscall; a spin, then a yield for a holder that was preempted). Process-local: a
+ * death takes every thread with it, and recovery only ever changes dead actors' bits. */
+static void bits_lock(upipe_handle *h)
+{
+    while (atomic_exchange_explicit(&h->bits_lock, 1, memory_order_acquire)) {
+        for (int i = 0; i < 64 && atomic_load_explicit(&h->bits_lock, memory_order_relaxed); i++)
+            UPIPE_CPU_RELAX();
+        if (atomic_load_explicit(&h->bits_lock, memory_order_relaxed))
+            sched_yield();
+    }
+}
+
+static void bits_unlock(upipe_handle *h)
+{
+    atomic_store_explicit(&h->bits_lock, 0, memory_order_release);
 }
 
 /*
@@ -776,9 +800,25 @@ static int free_chunk_from(upipe_handle *h, uint32_t c, uint32_t expected_owner)
  * may still use the chunk, and once it is zero it stays zero for this incarnation. Whoever
  * clears a bit then looks (all seq_cst: of two clearers racing, at least one sees both words
  * zero), and the CAS on share (LIVE -> FREEING + its index) picks one freer per incarnation;
- * the incarnation number in share keeps a late clearer of an earlier incarnation from freeing
- * a later one.
+ * the version in share keeps a late clearer of an earlier incarnation from freeing a later one.
+ *
+ * The look loads the two words one after the other, and a reference can move from one word to
+ * the other in between: a consumer sets its holder bit and clears its ring's bit (its load of
+ * holders before the set, of rings after the clear, would see a chunk in use as unreferenced),
+ * and a producer sets a ring's bit and later clears its own. So every move bumps the version
+ * in share between its set and its clear (shared_moved): a look whose two loads straddle a
+ * move loaded share before the bump, and its CAS fails. A bump needs a live reference (the
+ * mover's), so it never fails the CAS of a look at a chunk that really has none left.
  */
+#ifdef UPIPE_TEST_HOOKS
+/* Tests only (csrc/tests/run.sh builds with -DUPIPE_TEST_HOOKS; stress.c defines it): called
+ * by a look between its two loads, so a test can move a reference exactly there. */
+void upipe_test_look_between(upipe_handle *h, uint32_t chunk);
+#define LOOK_BETWEEN(h, c) upipe_test_look_between((h), (c))
+#else
+#define LOOK_BETWEEN(h, c) ((void)0)
+#endif
+
 enum { LOOK_KEPT = 0, LOOK_FREED = 1, LOOK_CUT = 2 };
 static int shared_maybe_free(upipe_handle *h, uint32_t c, int cut)
 {
@@ -786,7 +826,9 @@ static int shared_maybe_free(upipe_handle *h, uint32_t c, int cut)
     uint64_t sh = UPIPE_LOAD_SEQCST(&ch->share); /* before the bits: see above */
     if (UPIPE_SHARE_STATE(sh) != UPIPE_SHARE_LIVE)
         return LOOK_KEPT;
-    if (UPIPE_LOAD_SEQCST(&ch->holders) | UPIPE_LOAD_SEQCST(&ch->rings))
+    uint64_t holders = UPIPE_LOAD_SEQCST(&ch->holders);
+    LOOK_BETWEEN(h, c);
+    if (holders | UPIPE_LOAD_SEQCST(&ch->rings))
         return LOOK_KEPT;
     uint64_t freeing = (sh & ~0xFFULL) | (UPIPE_SHARE_FREEING + h->actor_index);
     if (!UPIPE_CAS(&ch->share, &sh, freeing))
@@ -801,6 +843,13 @@ static int shared_maybe_free(upipe_handle *h, uint32_t c, int cut)
         return LOOK_CUT;
     free_chunk_from(h, c, h->tag);
     return LOOK_FREED;
+}
+
+/* A reference of shared chunk c is moving from one bit to another: its new bit is set, the old
+ * one not yet cleared (see above). */
+static void shared_moved(struct upipe_chunk *ch)
+{
+    UPIPE_FETCH_ADD(&ch->share, 1ULL << 8); /* the version; the state byte is untouched */
 }
 
 /* Drop actor index's reference to shared chunk c (recovery, for a dead actor); 0, or -EPERM if
@@ -819,7 +868,10 @@ static int shared_unhold(upipe_handle *h, uint32_t c, uint32_t index)
 static int shared_drop_own(upipe_handle *h, uint32_t c, int cut)
 {
     uint64_t bit = actor_bit(h->actor_index);
-    if (!(UPIPE_FETCH_AND(&chunk_hdr(h, c)->holders, ~bit) & bit))
+    bits_lock(h); /* not inside an ack of another thread that relies on the bit (ack_shared) */
+    uint64_t old = UPIPE_FETCH_AND(&chunk_hdr(h, c)->holders, ~bit);
+    bits_unlock(h);
+    if (!(old & bit))
         return -EPERM;
     if (cut == CUT_FREE_DROPPED)
         return 0;
@@ -832,6 +884,7 @@ static void shared_consume(upipe_handle *h, uint32_t c, uint32_t index, uint32_t
 {
     struct upipe_chunk *ch = chunk_hdr(h, c);
     UPIPE_FETCH_OR(&ch->holders, actor_bit(index));
+    shared_moved(ch);
     UPIPE_FETCH_AND(&ch->rings, ~actor_bit(ri));
 }
 
@@ -840,10 +893,10 @@ static void shared_consume(upipe_handle *h, uint32_t c, uint32_t index, uint32_t
 static void share_chunk(upipe_handle *h, uint32_t c)
 {
     struct upipe_chunk *ch = chunk_hdr(h, c);
-    uint64_t incarnation = (UPIPE_LOAD_RELAXED(&ch->share) >> 8) + 1;
+    uint64_t version = (UPIPE_LOAD_RELAXED(&ch->share) >> 8) + 1;
     UPIPE_STORE_SEQCST(&ch->rings, 0);
     UPIPE_STORE_SEQCST(&ch->holders, actor_bit(h->actor_index));
-    UPIPE_STORE_SEQCST(&ch->share, (incarnation << 8) | UPIPE_SHARE_LIVE);
+    UPIPE_STORE_SEQCST(&ch->share, (version << 8) | UPIPE_SHARE_LIVE);
     UPIPE_STORE_RELAXED(&ch->flags, 0);
     UPIPE_STORE_RELEASE(&ch->owner, UPIPE_OWNER_SHARED);
 }
@@ -1109,6 +1162,7 @@ static int put_shared(upipe_handle *h, uint64_t rings, uint32_t chunk, uint32_t 
         if (cut == CUT_PUT_STAMPED)
             return 1;
         UPIPE_FETCH_OR(&ch->rings, bit);   /* the slot's reference, before anyone can see it */
+        shared_moved(ch); /* ours moves there when we let go (the caller's upipe_free) */
         if (cut == CUT_PUT_RING_BIT)
             return 1;
         UPIPE_STORE_RELEASE(&s->seq, p + 1); /* R0 */
@@ -1211,8 +1265,13 @@ static int64_t copy_out(upipe_handle *h, const struct upipe_slot *s, char *out,
             memcpy(out, s->data, meta_len);
         struct upipe_chunk *ch = chunk_hdr(h, c);
         if (UPIPE_LOAD_ACQUIRE(&ch->owner) == UPIPE_OWNER_SHARED) {
-            /* One more holder; the slot keeps its reference until released (get) or acked. */
+            /* One more holder; the slot keeps its reference until released (get) or acked.
+             * Locked: an ack in another thread must not be using the bit as its own
+             * temporary reference, which it would then drop (ack_shared). */
+            bits_lock(h);
             UPIPE_FETCH_OR(&ch->holders, actor_bit(h->actor_index));
+            bits_unlock(h);
+            shared_moved(ch); /* the ring's reference moves to us (cleared by get or ack) */
             *shared = 1;
         } else {
             UPIPE_STORE_RELAXED(&ch->flags, chunk_flags);
@@ -1459,6 +1518,13 @@ static void hold_done(upipe_handle *h, struct upipe_rec *rec)
  * never undone (undoing would redeliver an item whose ring bit is gone). Our own holder bit
  * is set for the duration (we may have dropped our views already), so the chunk cannot be
  * freed and reused under a recovery that finishes this ack.
+ *
+ * The bit is the whole process's, so the window from "had" to dropping the temporary bit is
+ * under bits_lock: unlocked, (1) another thread's get of this chunk from another ring could
+ * find our temporary bit set, take it as its reference, and lose it when we drop it (the chunk
+ * then freed under that thread); (2) another thread could drop the process's last reference
+ * between our "had" and our ring-bit clear: its look would see our ring's bit, we would not
+ * look (we had a bit), and nobody would ever free the chunk.
  */
 #define ACK_CUT 1 /* ack(), ack_shared(): stopped at the cut (tests) */
 static int ack_shared(upipe_handle *h, struct upipe_rec *rec, struct upipe_ring *r, uint64_t q,
@@ -1472,21 +1538,30 @@ static int ack_shared(upipe_handle *h, struct upipe_rec *rec, struct upipe_ring 
         return -ESTALE;
     }
     UPIPE_STORE_SEQCST(&rec->op, UPIPE_OP_ACK);
+    int ok = 0;
+    bits_lock(h);
     uint64_t had = UPIPE_FETCH_OR(&ch->holders, me) & me;
+    shared_moved(ch); /* the ring's reference moves to our bit */
     if (cut == CUT_ACK_JOURNALED)
-        return ACK_CUT;
+        goto cut;
     UPIPE_FETCH_AND(&ch->rings, ~actor_bit(r->index));
     if (cut == CUT_ACK_RING_BIT)
-        return ACK_CUT;
+        goto cut;
     uint64_t held = q + 1;
-    int ok = UPIPE_CAS(&s->seq, &held, q + r->capacity); /* R1 */
+    ok = UPIPE_CAS(&s->seq, &held, q + r->capacity); /* R1 */
     if (cut == CUT_ACK_RELEASED)
-        return ACK_CUT;
+        goto cut;
     if (!had)
-        shared_drop_own(h, c, NO_CUT);
+        UPIPE_FETCH_AND(&ch->holders, ~me);
+    bits_unlock(h);
+    if (!had)
+        shared_maybe_free(h, c, NO_CUT); /* we cleared a bit: we look */
     hold_done(h, rec);
     released_signal(h, r);
     return ok ? 0 : -ESTALE;
+cut:
+    bits_unlock(h);
+    return ACK_CUT;
 }
 
 /* upipe_ack; a cut (tests) stops an ack of a shared chunk after that step (ACK_CUT). */
@@ -2036,6 +2111,7 @@ static void repair_put(upipe_handle *h, const uint8_t *alive, uint32_t ri, uint6
             struct upipe_chunk *ch = chunk_hdr(h, c);
             if (UPIPE_LOAD_ACQUIRE(&ch->owner) == UPIPE_OWNER_SHARED) {
                 UPIPE_FETCH_OR(&ch->rings, actor_bit(ri)); /* idempotent: it may have done it */
+                shared_moved(ch); /* the dead producer's reference moves there (the sweep) */
             } else {
                 uint32_t owner =
                     (r->flags & UPIPE_RING_FREELIST) ? UPIPE_OWNER_FREE : UPIPE_OWNER_QUEUED;
@@ -2198,6 +2274,13 @@ static void recover_actor(upipe_handle *h, const uint8_t *alive, uint32_t index,
             } else if (UPIPE_LOAD_SEQCST(&ch->holders) & actor_bit(index)) {
                 UPIPE_FETCH_ADD(&h->hdr->reclaimed_chunks, 1);
                 shared_unhold(h, c, index); /* freed if it was the last reference */
+            } else if (shared_maybe_free(h, c, NO_CUT) == LOOK_FREED) {
+                /* No reference left and nobody freeing it: a holder died between clearing
+                 * its bit and looking (the clearer of the last bit is the only one who looks,
+                 * so nobody else ever would: a leak). No bit is ever added to a chunk without
+                 * one, so it is garbage, and the CAS in shared_maybe_free still picks one
+                 * freer should the clearer be alive and looking after all. */
+                UPIPE_FETCH_ADD(&h->hdr->reclaimed_chunks, 1);
             }
             continue;
         }

@@ -31,7 +31,7 @@
 typedef struct upipe_handle upipe_handle;
 
 struct upipe_config {
-    uint32_t ndata_rings; /* 1 .. 8 */
+    uint32_t ndata_rings; /* 1 .. 64 */
     uint32_t slot_size;   /* bytes per data-ring slot, 64 .. 65536, multiple of 8 (32 B header) */
     uint64_t capacity;    /* slots per data ring, power of two >= 2 */
     uint32_t nclasses;    /* chunk size classes, 0 .. 8 */
@@ -94,6 +94,14 @@ int64_t upipe_put_chunk(upipe_handle *h, uint32_t ring, uint32_t chunk, uint32_t
  * no room are left out of *done_out (wait and call again for them); closed rings go in
  * *closed_out. Each consumer gets the chunk read-only in effect: every holder sees the same
  * bytes. 0, or -EINVAL, -EMSGSIZE, -EPERM (not held), -EBUSY (already queued in one of them).
+ * A shared chunk is held per process, not per get: a process that has it from several rings
+ * (or from its own fan-out, or again after a nack) holds it once, and one upipe_free lets go
+ * of it. A caller with several references in one process counts them and frees on the last,
+ * and makes that count one step with its gets and takes (a get in flight may be acquiring the
+ * chunk the last free lets go of); acks and nacks need no such care.
+ * The -EBUSY check is not atomic: two holders that put_shared one chunk into the same ring at
+ * the same moment both succeed, and the chunk may then be freed while one of the slots still
+ * names it. Never put one chunk from two threads or processes at once.
  */
 int upipe_put_shared(upipe_handle *h, uint64_t rings, uint32_t chunk, uint32_t len,
                      uint16_t kind, const char *meta, uint16_t meta_len, uint64_t *done_out,
@@ -127,7 +135,8 @@ int64_t upipe_take(upipe_handle *h, uint32_t ring, char *out, uint32_t outcap,
 int upipe_ack(upipe_handle *h, uint64_t receipt);
 /* Give a take back now: its item is put back into the ring, as if this process had died. 0;
  * -ENOENT as upipe_ack; -ENOBUFS no room yet (still held: try again). The chunk of a chunk item
- * goes with it: stop using its pointer. */
+ * goes with it: stop using its pointer. A shared chunk (upipe_chunk_shared) stays held by this
+ * process as after a get (holders are per process): upipe_free it as usual. */
 int upipe_nack(upipe_handle *h, uint64_t receipt);
 /* The bytes fast paths: kind UPIPE_KIND_BYTES, inline, no meta; the fewest arguments
  * cffi has to convert. upipe_get_bytes returns the length, or -EBADMSG (nothing taken) when the

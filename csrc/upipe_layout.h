@@ -38,8 +38,10 @@ enum upipe_state { UPIPE_STATE_EMPTY = 0, UPIPE_STATE_INITIALIZING = 1, UPIPE_ST
 #define UPIPE_OWNER_QUEUED 0xFFFFFFFFu /* referenced by exactly one published data-ring slot */
 #define UPIPE_OWNER_SHARED 0xFFFFFFFEu /* shared: its holders are chunk.holders and chunk.rings */
 
-/* chunk.share: (incarnation << 8) | state, for a shared chunk. state LIVE, or FREEING + actor
- * index: the actor that won the right to free it (one CAS, so exactly one per incarnation). */
+/* chunk.share: (version << 8) | state, for a shared chunk. state LIVE, or FREEING + actor
+ * index: the actor that won the right to free it (one CAS, so exactly one per incarnation).
+ * version: new for every incarnation (the sharer), and bumped by every move of a reference
+ * between holders and rings, so that a freer's CAS fails if a move overlapped its look. */
 #define UPIPE_SHARE_LIVE 0u
 #define UPIPE_SHARE_FREEING 1u
 #define UPIPE_SHARE_STATE(w) ((uint32_t)((w)&0xFFu))
@@ -182,7 +184,7 @@ struct upipe_actor {
 struct upipe_chunk {
     _Atomic uint32_t owner;   /* the current holder: FREE, QUEUED, SHARED or an actor tag */
     _Atomic uint32_t flags;   /* holder (UPIPE_CHUNK_*); RMW only while HELD (free vs ack) */
-    _Atomic uint64_t share;   /* sharer (store), then the freer (CAS): incarnation | state */
+    _Atomic uint64_t share;   /* sharer (store), movers (add), the freer (CAS): version | state */
     _Atomic uint64_t holders; /* SHARED: bit per actor index; set/cleared by that actor or by
                                * the recovery of it */
     _Atomic uint64_t rings;   /* SHARED: bit per data ring holding a slot that names it; set by

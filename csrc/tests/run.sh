@@ -3,7 +3,7 @@
 #
 #   run.sh [plain|asan|tsan|all] [stress args...]      (default: all)
 #
-# Configurations (all -std=c11 -Wall -Wextra -Werror -g -pthread):
+# Configurations (all -std=c11 -Wall -Wextra -Werror -g -pthread -DUPIPE_TEST_HOOKS):
 #   plain  -O2
 #   asan   -O1 -fsanitize=address,undefined -fno-sanitize-recover=all
 #   tsan   -O1 -fsanitize=thread
@@ -20,7 +20,9 @@ CSRC="$(dirname "$HERE")"
 BUILD="${UPIPE_TEST_BUILD:-$HERE/bin}"
 CC="${CC:-gcc}"
 SOURCES=("$CSRC/upipe.c" "$CSRC/upipe_ring.c" "$CSRC/upipe_futex.c" "$CSRC/upipe_layout.c")
-COMMON=(-std=c11 -Wall -Wextra -Werror -g -pthread -I"$CSRC")
+# UPIPE_TEST_HOOKS: upipe.c calls back into stress.c at one point (upipe_test_look_between; tests
+# only, never in the Python build).
+COMMON=(-std=c11 -Wall -Wextra -Werror -g -pthread -DUPIPE_TEST_HOOKS -I"$CSRC")
 
 skip() { echo "SKIP [$1]: $2" >&2; return 77; }
 
