@@ -77,6 +77,10 @@ struct upipe_handle {
     /* Serializes this process's changes of its own holder bit on shared chunks (bits_lock):
      * one bit stands for all of its threads' references. */
     _Atomic uint32_t bits_lock;
+    /* This process's references to each shared chunk (under bits_lock; allocated at the first
+     * shared chunk): a get, a take and the sharing each add one, upipe_free drops one, and the
+     * holder bit goes with the last. So threads never drop each other's references. */
+    uint32_t *shared_refs; /* total_chunks counts, allocated with the handle */
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -371,6 +375,11 @@ int64_t upipe_segment_size(const struct upipe_config *cfg)
 
 static int attach_actor(upipe_handle *h)
 {
+    /* Before the entry is ours: a failure here leaves nothing to undo in the segment. */
+    h->shared_refs = calloc(h->hdr->total_chunks ? h->hdr->total_chunks : 1,
+                            sizeof *h->shared_refs);
+    if (!h->shared_refs)
+        return -ENOMEM;
     uint32_t me = (uint32_t)getpid();
     uint64_t start = upipe_pid_starttime(me);
     for (int attempt = 0; attempt < 2; attempt++) {
@@ -420,6 +429,7 @@ static void handle_destroy(upipe_handle *h)
             close(h->fds[i]);
     if (h->base)
         munmap(h->base, h->size);
+    free(h->shared_refs);
     free(h);
 }
 
@@ -607,6 +617,7 @@ void upipe_handle_ref(upipe_handle *h)
 static int free_chunk_from(upipe_handle *h, uint32_t c, uint32_t expected_owner);
 static int give_back_all(upipe_handle *h);
 static int shared_drop_own(upipe_handle *h, uint32_t c, int cut);
+static int shared_drop_all(upipe_handle *h, uint32_t c);
 
 /* Hand back every chunk this process holds, except those an unacked take still names. */
 static int free_own_chunks(upipe_handle *h)
@@ -616,7 +627,7 @@ static int free_own_chunks(upipe_handle *h)
         struct upipe_chunk *ch = chunk_hdr(h, c);
         uint32_t owner = UPIPE_LOAD_ACQUIRE(&ch->owner);
         if (owner == UPIPE_OWNER_SHARED)
-            freed += shared_drop_own(h, c, NO_CUT) == 0;
+            freed += shared_drop_all(h, c) == 0;
         else if (owner == h->tag && !(UPIPE_LOAD_ACQUIRE(&ch->flags) & UPIPE_CHUNK_HELD))
             freed += free_chunk_from(h, c, h->tag) == 0;
     }
@@ -863,12 +874,29 @@ static int shared_unhold(upipe_handle *h, uint32_t c, uint32_t index)
     return 0;
 }
 
-/* Drop this process's reference to shared chunk c (upipe_free, detach); 0, or -EPERM if it
- * held none. */
+/* One more reference of this process to shared chunk c; its holder bit is set with the first.
+ * Under bits_lock. */
+static void shared_ref_locked(upipe_handle *h, uint32_t c)
+{
+    if (h->shared_refs[c]++ == 0)
+        UPIPE_FETCH_OR(&chunk_hdr(h, c)->holders, actor_bit(h->actor_index));
+}
+
+/* Drop one of this process's references to shared chunk c (upipe_free); the holder bit goes
+ * with the last one. 0, or -EPERM if it held none; 1 at a cut (tests). */
 static int shared_drop_own(upipe_handle *h, uint32_t c, int cut)
 {
     uint64_t bit = actor_bit(h->actor_index);
     bits_lock(h); /* not inside an ack of another thread that relies on the bit (ack_shared) */
+    uint32_t *refs = h->shared_refs;
+    if (refs[c] == 0) {
+        bits_unlock(h);
+        return -EPERM;
+    }
+    if (--refs[c] > 0) {
+        bits_unlock(h);
+        return 0; /* another reference of this process (another view, thread) still holds it */
+    }
     uint64_t old = UPIPE_FETCH_AND(&chunk_hdr(h, c)->holders, ~bit);
     bits_unlock(h);
     if (!(old & bit))
@@ -876,6 +904,20 @@ static int shared_drop_own(upipe_handle *h, uint32_t c, int cut)
     if (cut == CUT_FREE_DROPPED)
         return 0;
     return shared_maybe_free(h, c, cut) == LOOK_CUT ? 1 : 0;
+}
+
+/* Leaving (detach): every reference of this process to shared chunk c goes at once. */
+static int shared_drop_all(upipe_handle *h, uint32_t c)
+{
+    uint64_t bit = actor_bit(h->actor_index);
+    bits_lock(h);
+    h->shared_refs[c] = 0;
+    uint64_t old = UPIPE_FETCH_AND(&chunk_hdr(h, c)->holders, ~bit);
+    bits_unlock(h);
+    if (!(old & bit))
+        return -EPERM;
+    shared_maybe_free(h, c, NO_CUT);
+    return 0;
 }
 
 /* A consumer takes over ring ri's reference: holder bit first, then the ring's bit (so the
@@ -895,7 +937,10 @@ static void share_chunk(upipe_handle *h, uint32_t c)
     struct upipe_chunk *ch = chunk_hdr(h, c);
     uint64_t version = (UPIPE_LOAD_RELAXED(&ch->share) >> 8) + 1;
     UPIPE_STORE_SEQCST(&ch->rings, 0);
+    bits_lock(h);
+    h->shared_refs[c] = 1; /* the sharer's own reference (upipe_free drops it) */
     UPIPE_STORE_SEQCST(&ch->holders, actor_bit(h->actor_index));
+    bits_unlock(h);
     UPIPE_STORE_SEQCST(&ch->share, (version << 8) | UPIPE_SHARE_LIVE);
     UPIPE_STORE_RELAXED(&ch->flags, 0);
     UPIPE_STORE_RELEASE(&ch->owner, UPIPE_OWNER_SHARED);
@@ -1269,7 +1314,7 @@ static int64_t copy_out(upipe_handle *h, const struct upipe_slot *s, char *out,
              * Locked: an ack in another thread must not be using the bit as its own
              * temporary reference, which it would then drop (ack_shared). */
             bits_lock(h);
-            UPIPE_FETCH_OR(&ch->holders, actor_bit(h->actor_index));
+            shared_ref_locked(h, c);
             bits_unlock(h);
             shared_moved(ch); /* the ring's reference moves to us (cleared by get or ack) */
             *shared = 1;

@@ -334,7 +334,6 @@ class _FanOut:
         self.closed = 0
         self.chunk = -1
         self.own_chunk = False  # allocated here for a copy: our hold goes when we are done
-        self.counted = False  # the chunk is shared and this fan-out holds a reference to it
         self.lease: Lease | None = None
         self.enc = enc = codec.encode(obj, seg.inline_max)
         self.inline = enc.nbytes + len(enc.meta) <= seg.inline_max
@@ -389,11 +388,10 @@ class _FanOut:
                 return self.attempt()
             if rc < 0:
                 raise UpipeError(f"fan-out put failed: {os.strerror(-rc)}")
-            if not self.counted:  # shared from now on: this process holds one reference
-                self.counted = True
-                seg.hold_shared(self.chunk)
-                if self.lease is not None:
-                    self.lease.shared = True  # ... which the buffer's views keep
+            if self.lease is not None:
+                # Shared from now on: the sharing is one reference of this process (the core
+                # counts them), which the buffer's views keep.
+                self.lease.shared = True
             self.todo &= ~(done | closed)
             self.closed |= closed
         if self.todo:
@@ -409,10 +407,10 @@ class _FanOut:
         if self.lease is not None:
             self.seg.end_move(self.lease, moved=False)
             self.lease = None
-        elif self.own_chunk and (not self.counted or self.seg.drop_shared(self.chunk)):
+        elif self.own_chunk:  # our copy: its reference (shared or not) goes now
             self.seg.free_chunk(self.chunk)
         self.chunk = -1
-        self.own_chunk = self.counted = False
+        self.own_chunk = False
 
     def block(self, timeout: float | None) -> None:
         """:meth:`attempt` until done, sleeping on the segment in between."""

@@ -154,9 +154,6 @@ class Segment:
         self.config = config
         self.pid = os.getpid()
         self._leases: dict[int, Lease] = {}
-        # This process's references to shared chunks (fan-outs): the C side has one holder bit
-        # per process, so the bit goes only with the last of them (hold_shared, drop_shared).
-        self._shared: dict[int, int] = {}
         self._lock = threading.RLock()
         self.inline_max = int(lib.upipe_inline_max(handle, 0))
         self._get_buffers: list[tuple[Any, Any]] = []
@@ -226,7 +223,6 @@ class Segment:
         self._h = ffi.gc(out[0], lib.upipe_handle_unref)
         self.pid = os.getpid()
         self._leases = {}
-        self._shared = {}
         self._lock = threading.RLock()
         self._get_buffers = []
         self._get1_buffers = []
@@ -436,9 +432,7 @@ class Segment:
         """A view of the first nbytes of a chunk this process holds; frees it when unreferenced.
         A shared chunk (a fan-out) is seen by other processes too: its view is read-only."""
         lease = Lease(chunk)
-        if shared:
-            lease.shared = True
-            self.hold_shared(chunk)
+        lease.shared = shared  # the core counts it as one of this process's references
         ptr = lib.upipe_chunk_ptr(self._h, chunk)
         # The view holds a C reference on the handle, so the mapping outlives it even through
         # detach(); the raw pointer is what this lease frees and unrefs through.
@@ -456,7 +450,7 @@ class Segment:
                 seg._leases.pop(key[0], None)
             if os.getpid() != pid:
                 return  # a fork child's copy of a parent's lease: the parent's business
-            if held and (not lease.shared or seg.drop_shared(lease.chunk)):
+            if held:
                 lib.upipe_free(raw, lease.chunk)
             lib.upipe_handle_unref(raw)
 
@@ -516,28 +510,10 @@ class Segment:
             if lease.state != _HELD:
                 return False
             lease.state = _RELEASED
-        if lease.shared and not self.drop_shared(lease.chunk):
-            return True  # another reference of this process still holds it
         rc = int(lib.upipe_free(self._h, lease.chunk))
         if rc < 0:
             raise_for(rc, "releasing a chunk")
         return True
-
-    def hold_shared(self, chunk: int) -> None:
-        """One more reference of this process to a shared chunk (a view, a fan-out in progress)."""
-        with self._lock:
-            self._shared[chunk] = self._shared.get(chunk, 0) + 1
-
-    def drop_shared(self, chunk: int) -> bool:
-        """One reference fewer; True if it was the last: then the caller frees the chunk (in C,
-        that drops this process's holder bit)."""
-        with self._lock:
-            n = self._shared.get(chunk, 0) - 1
-            if n > 0:
-                self._shared[chunk] = n
-                return False
-            self._shared.pop(chunk, None)
-            return True
 
     @staticmethod
     def lease_is_held(lease: Lease) -> bool:

@@ -1970,13 +1970,13 @@ static int run_redeliver_cuts(void)
  *       again just before the consumer lets go). FORBIDDEN the chunk in its pool while any
  *       holder or ring has it; FORBIDDEN it missing from its pool, or in it twice, once every
  *       holder and ring let go (check_pool: a leak, a double free).
- *   L10 a holder bit is per process: a process holds a shared chunk once, however many times
- *       it received it (several rings, again after a nack, its own fan-out), and one upipe_free
- *       lets go of it. A caller with several references in one process counts them and frees
- *       on the last one (struct lrefs), and makes that count and its gets one step: a get in
- *       flight may be re-acquiring the chunk that the last free lets go of. Acks and nacks are
- *       NOT serialized with them: whatever holder-bit work they do inside the core must not
- *       disturb the process's reference (fan_* variants).
+ *   L10 a holder bit is per process, but the core counts the process's references: every
+ *       get or take of a shared chunk (several rings, again after a nack, its own fan-out) and
+ *       the sharing itself is one, every upipe_free drops one, and the bit goes with the last.
+ *       Threads of one process never drop each other's references, whatever they interleave
+ *       (a get in flight re-acquiring the chunk that another thread's free lets go of); acks
+ *       and nacks, whatever holder-bit work they do inside the core, must not disturb them
+ *       (fan_* variants). struct lrefs mirrors the count to check it.
  *   L11 recovery (fan_crash): FORBIDDEN an item a dead producer stamped missing from its ring;
  *       FORBIDDEN an item a dead taker held missing, or in its ring twice; FORBIDDEN an item
  *       a dead acker acked coming back; FORBIDDEN the chunk freed while a ring still has it,
@@ -2284,10 +2284,11 @@ static int run_shared_basic(void)
     CHECK(upipe_put_shared(hp, 1, c, FAN_CHUNK, KIND_CHUNK, NULL, 0, &done, &closed) == 0 &&
               done == 1,
           "into ring 0 again once its slot has gone");
-    /* consumer 0 gets it a second time: one process, one reference (L10) */
+    /* consumer 0 gets it a second time: two references, two frees (L10) */
     ok = ok && fan_expect(hc[0], 0, 2, &c2, NULL, "twice") == 0;
-    CHECK(upipe_free(hc[0], c) == 0 && upipe_free(hc[0], c) == -EPERM,
-          "a process that got the chunk twice frees it once");
+    CHECK(upipe_free(hc[0], c) == 0 && upipe_chunk_held(hc[0], c) && upipe_free(hc[0], c) == 0 &&
+              !upipe_chunk_held(hc[0], c) && upipe_free(hc[0], c) == -EPERM,
+          "a process that got the chunk twice frees it twice");
     ok = ok && fan_expect(hc[1], 1, 2, &c2, NULL, "busy") == 0 &&
          fan_expect(hc[2], 2, 2, &c2, NULL, "busy") == 0;
     CHECK(upipe_free(hc[1], c) == 0 && upipe_free(hc[2], c) == 0 && chunks_free(hp) == 3 &&
@@ -2316,28 +2317,30 @@ static int run_shared_basic(void)
           "partial: all let go");
 
     /* nack of a shared take: the item goes back into its ring; the process keeps its
-     * reference, as after a get (it frees it once, whatever it took) */
+     * reference, as after a get (one free per get or take) */
     CHECK(fan_produce(hp, 7, 4, &c, &done) == 0 && done == 7 && upipe_free(hp, c) == 0,
           "put for nack");
     ok = ok && fan_expect(hc[1], 1, 4, &c2, &r, "nack") == 0;
     CHECK(upipe_nack(hc[1], r) == 0 && upipe_chunk_held(hc[1], c), "nack: still held");
     ok = ok && fan_expect(hc[1], 1, 4, &c2, &r, "after nack") == 0;
-    CHECK(upipe_ack(hc[1], r) == 0 && upipe_free(hc[1], c) == 0 && upipe_free(hc[1], c) == -EPERM,
-          "take again, ack, free once");
+    CHECK(upipe_ack(hc[1], r) == 0 && upipe_free(hc[1], c) == 0 && upipe_free(hc[1], c) == 0 &&
+              upipe_free(hc[1], c) == -EPERM,
+          "take again, ack, free once per take");
     ok = ok && fan_expect(hc[0], 0, 4, &c2, NULL, "nack") == 0 &&
          fan_expect(hc[2], 2, 4, &c2, NULL, "nack") == 0;
     CHECK(upipe_free(hc[0], c) == 0 && chunks_free(hp) == 3 && upipe_free(hc[2], c) == 0 &&
               chunks_free(hp) == 4,
           "nack: returned at the last free");
 
-    /* the producer receives its own fan-out: still one reference */
+    /* the producer receives its own fan-out: two references (its sharing, its get) */
     CHECK(fan_produce(hp, 7, 5, &c, &done) == 0 && done == 7, "put for self");
     ok = ok && fan_expect(hp, 0, 5, &c2, NULL, "self") == 0 &&
          fan_expect(hc[1], 1, 5, &c2, NULL, "self") == 0 &&
          fan_expect(hc[2], 2, 5, &c2, NULL, "self") == 0;
     CHECK(upipe_free(hc[1], c) == 0 && upipe_free(hc[2], c) == 0 && chunks_free(hp) == 3 &&
-              upipe_free(hp, c) == 0 && upipe_free(hp, c) == -EPERM && chunks_free(hp) == 4,
-          "self: one free for the fan-out and the get");
+              upipe_free(hp, c) == 0 && chunks_free(hp) == 3 && upipe_free(hp, c) == 0 &&
+              upipe_free(hp, c) == -EPERM && chunks_free(hp) == 4,
+          "self: one free for the fan-out, one for the get");
 
     /* leaving (last handle unref) drops the holder bit and gives unacked takes back */
     CHECK(fan_produce(hp, 7, 6, &c, &done) == 0 && done == 7 && upipe_free(hp, c) == 0,
@@ -2396,11 +2399,13 @@ static int run_shared_basic(void)
           upipe_nfds(h2));
     CHECK(fan_produce(hp, UINT64_MAX, 70, &c, &done) == 0 && done == UINT64_MAX,
           "64 rings: done %#" PRIx64, done);
-    for (uint32_t i = 64; i-- > 0 && ok;) /* one process, 64 receptions: one reference */
+    for (uint32_t i = 64; i-- > 0 && ok;) /* one process, 64 receptions: 64 references */
         ok = fan_expect(h2, i, 70, &c2, NULL, "64 rings") == 0;
-    CHECK(upipe_free(hp, c) == 0 && chunks_free(hp) == 1 && upipe_free(h2, c) == 0 &&
-              upipe_free(h2, c) == -EPERM && chunks_free(hp) == 2,
-          "64 rings: returned at the last free");
+    CHECK(upipe_free(hp, c) == 0 && chunks_free(hp) == 1, "64 rings: the producer's free");
+    for (int i = 0; i < 64; i++)
+        CHECK(upipe_free(h2, c) == 0 && chunks_free(hp) == (i == 63 ? 2 : 1),
+              "64 rings: free %d of 64", i);
+    CHECK(upipe_free(h2, c) == -EPERM, "64 rings: one free too many");
     CHECK(fan_produce(hp, 1ULL << 63, 71, &c, &done) == 0 && done == 1ULL << 63 &&
               upipe_free(hp, c) == 0,
           "64 rings: into ring 63 alone");
@@ -2449,7 +2454,7 @@ static const struct fan_variant FAN_VARIANTS[] = {
 };
 #define NFAN_VARIANTS (sizeof FAN_VARIANTS / sizeof FAN_VARIANTS[0])
 
-/* One process's references to shared chunks, kept as a caller must (L10). */
+/* One process's references to shared chunks, as the core counts them (L10): a mirror. */
 struct lrefs {
     pthread_mutex_t mu;
     uint32_t count[FAN_MAX_CHUNKS];
@@ -2498,18 +2503,19 @@ static int lref_first(struct ctx *c, struct lrefs *lr, uint32_t chunk, const cha
     return was == 0 ? 0 : -EPROTO;
 }
 
-/* One reference fewer; the last one frees the chunk (drops the process's holder bit). */
+/* One reference fewer: one upipe_free (the core drops the holder bit with the last). */
 static int lref_release(struct ctx *c, upipe_handle *h, struct lrefs *lr, uint32_t chunk,
                         const char *who)
 {
     int rc = -ERANGE;
     pthread_mutex_lock(&lr->mu);
-    if (lr->count[chunk] > 0)
-        rc = --lr->count[chunk] == 0 ? upipe_free(h, chunk) : 0;
+    if (lr->count[chunk] > 0) {
+        lr->count[chunk]--;
+        rc = upipe_free(h, chunk);
+    }
     pthread_mutex_unlock(&lr->mu);
     if (rc != 0)
-        fail(c, "%s: letting go of chunk %u: %d (upipe_free of the last reference)", who, chunk,
-             rc);
+        fail(c, "%s: letting go of chunk %u: %d (upipe_free of a reference)", who, chunk, rc);
     return rc;
 }
 
@@ -3126,13 +3132,27 @@ static int fan_parent_put(upipe_handle *h, int id, uint32_t *c, const char *what
     return ok;
 }
 
-/* The parent gets item id from each ring in rings (and keeps it: call fan_parent_free). */
-static int fan_parent_get(upipe_handle *h, uint64_t rings, int id, const char *what)
+/* The parent gets item id (chunk c) from each ring in rings, and holds one reference to c in
+ * all (the caller's upipe_free lets go of it): every get is a reference (L10), so the ones
+ * beyond the first it holds are dropped here. */
+static int fan_parent_get(upipe_handle *h, uint32_t c, uint64_t rings, int id, const char *what)
 {
-    uint32_t c;
-    for (uint32_t r = 0; r < 3; r++)
-        if ((rings >> r & 1) && fan_expect(h, r, id, &c, NULL, what) != 0)
+    int got = upipe_chunk_held(h, c);
+    for (uint32_t r = 0; r < 3; r++) {
+        if (!(rings >> r & 1))
+            continue;
+        uint32_t c2;
+        if (fan_expect(h, r, id, &c2, NULL, what) != 0)
             return 0;
+        if (c2 != c) {
+            fail(NULL, "%s: item %d in chunk %u, not %u", what, id, c2, c);
+            return 0;
+        }
+        if (got++ && upipe_free(h, c) != 0) {
+            fail(NULL, "%s: the free of a second reference failed", what);
+            return 0;
+        }
+    }
     return 1;
 }
 
@@ -3175,7 +3195,7 @@ static int run_shared_crash(void)
         upipe_stats(h, 0, &st);
         CHECK(st.reclaimed_chunks == (v != 2), "%s: reclaimed %" PRIu64, what, st.reclaimed_chunks);
         ok = ok && fan_freed(h, c, 0, what, "after recovery") &&
-             fan_parent_get(h, v == 2 ? 7 : 3, 10 + v, what) && fan_freed(h, c, 0, what, "got");
+             fan_parent_get(h, c, v == 2 ? 7 : 3, 10 + v, what) && fan_freed(h, c, 0, what, "got");
         for (int i = 0; i < 4 && v == 1 && ok; i++) {
             char out[SLOT_SIZE];
             uint32_t c2;
@@ -3197,7 +3217,7 @@ static int run_shared_crash(void)
             return EXIT_FAIL;
         uint64_t mine = v & 2 ? 4 : 6;
         if (v & 1)
-            ok = ok && fan_parent_get(h, mine, 20 + v, what) && upipe_free(h, c) == 0;
+            ok = ok && fan_parent_get(h, c, mine, 20 + v, what) && upipe_free(h, c) == 0;
         struct fan_child ch = {.get_rings = v & 2 ? 3 : 1, .what = -1, .sigkill = 1};
         ok = ok && fan_crash(h, &ch, what) && fan_recover(h, what);
         upipe_stats(h, 0, &st);
@@ -3206,7 +3226,7 @@ static int run_shared_crash(void)
               st.lost_leases);
         ok = ok && fan_freed(h, c, v & 1, what, "after recovery");
         if (!(v & 1))
-            ok = ok && fan_parent_get(h, mine, 20 + v, what) && fan_freed(h, c, 0, what, "got") &&
+            ok = ok && fan_parent_get(h, c, mine, 20 + v, what) && fan_freed(h, c, 0, what, "got") &&
                  upipe_free(h, c) == 0 && fan_freed(h, c, 1, what, "freed");
         ok = ok && fan_clean(h, what);
         upipe_handle_unref(h);
@@ -3220,7 +3240,7 @@ static int run_shared_crash(void)
         if (!(h = fan_segment()) || !fan_parent_put(h, 30 + v, &c, what))
             return EXIT_FAIL;
         uint64_t mine = v == 2 ? 4 : 5;
-        ok = ok && fan_parent_get(h, mine, 30 + v, what) && upipe_free(h, c) == 0;
+        ok = ok && fan_parent_get(h, c, mine, 30 + v, what) && upipe_free(h, c) == 0;
         struct fan_child ch = {.take_rings = 2, .free_taken = v == 1, .get_rings = v == 2 ? 1 : 0,
                                .what = -1, .sigkill = 1};
         ok = ok && fan_crash(h, &ch, what) && fan_freed(h, c, 0, what, "before recovery") &&
@@ -3229,7 +3249,7 @@ static int run_shared_crash(void)
         CHECK(st.redelivered == 1 && st.lost_leases == 0, "%s: redelivered %" PRIu64
               " lost_leases %" PRIu64, what, st.redelivered, st.lost_leases);
         ok = ok && fan_freed(h, c, 0, what, "queued again") &&
-             fan_parent_get(h, 2, 30 + v, what) && fan_freed(h, c, 0, what, "got again") &&
+             fan_parent_get(h, c, 2, 30 + v, what) && fan_freed(h, c, 0, what, "got again") &&
              upipe_free(h, c) == 0 && fan_freed(h, c, 1, what, "freed") && fan_clean(h, what);
         upipe_handle_unref(h);
     }
@@ -3250,10 +3270,10 @@ static int run_shared_crash(void)
               st.reclaimed_chunks);
         /* ring 0 first, and let go: ring 1's slot alone must keep the chunk (its bit) */
         ok = ok && fan_freed(h, c, 0, what, "after recovery") &&
-             fan_parent_get(h, 1, 40 + k, what) && fan_expect_none(h, 2, -ENOENT, what) &&
+             fan_parent_get(h, c, 1, 40 + k, what) && fan_expect_none(h, 2, -ENOENT, what) &&
              upipe_free(h, c) == 0 && fan_freed(h, c, k == 0, what, "ring 0 let go of");
         if (k)
-            ok = ok && fan_parent_get(h, 2, 40 + k, what) && upipe_free(h, c) == 0;
+            ok = ok && fan_parent_get(h, c, 2, 40 + k, what) && upipe_free(h, c) == 0;
         ok = ok && fan_expect_none(h, 1, -ENOENT, what) && fan_freed(h, c, 1, what, "freed") &&
              fan_clean(h, what);
         upipe_handle_unref(h);
@@ -3268,7 +3288,7 @@ static int run_shared_crash(void)
                      w < 22 ? "freed first" : "still held", v ? "parent last" : "child last");
             if (!(h = fan_segment()) || !fan_parent_put(h, w, &c, what))
                 return EXIT_FAIL;
-            ok = ok && fan_parent_get(h, v ? 1 : 5, w, what);
+            ok = ok && fan_parent_get(h, c, v ? 1 : 5, w, what);
             if (!v)
                 CHECK(upipe_free(h, c) == 0, "%s: parent's free", what);
             struct fan_child ch = {.what = w, .ring = 1};
@@ -3282,7 +3302,7 @@ static int run_shared_crash(void)
             ok = ok && fan_freed(h, c, !v, what, "after recovery") &&
                  fan_expect_none(h, 1, -ENOENT, what);
             if (v)
-                ok = ok && fan_parent_get(h, 4, w, what) && upipe_free(h, c) == 0 &&
+                ok = ok && fan_parent_get(h, c, 4, w, what) && upipe_free(h, c) == 0 &&
                      fan_freed(h, c, 1, what, "freed");
             ok = ok && fan_clean(h, what);
             upipe_handle_unref(h);
@@ -3300,7 +3320,7 @@ static int run_shared_crash(void)
                      v ? "parent holds on" : "last holder");
             if (!(h = fan_segment()) || !fan_parent_put(h, w, &c, what))
                 return EXIT_FAIL;
-            ok = ok && fan_parent_get(h, 3, w, what);
+            ok = ok && fan_parent_get(h, c, 3, w, what);
             if (!v)
                 CHECK(upipe_free(h, c) == 0, "%s: parent's free", what);
             struct fan_child ch = {.get_rings = 4, .what = w, .ring = 0};
@@ -3327,7 +3347,7 @@ static int run_shared_crash(void)
         CHECK(st.lost_leases == 1 && st.redelivered == 0, "%s: lost_leases %" PRIu64, what,
               st.lost_leases);
         ok = ok && fan_freed(h, c, 0, what, "after recovery") &&
-             fan_expect_none(h, 1, -ENOENT, what) && fan_parent_get(h, 5, 50 + i, what) &&
+             fan_expect_none(h, 1, -ENOENT, what) && fan_parent_get(h, c, 5, 50 + i, what) &&
              upipe_free(h, c) == 0 && fan_freed(h, c, 1, what, "freed") && fan_clean(h, what);
         upipe_handle_unref(h);
     }
@@ -3363,7 +3383,7 @@ static int run_shared_crash(void)
                   "%s: ring 1 gave %d chunk items and %d others, then %" PRId64, what, got, inl,
                   rc);
             ok = ok && fan_freed(h, c, 0, what, "after ring 1") &&
-                 fan_parent_get(h, 5, 60 + k, what) && upipe_free(h, c) == 0 &&
+                 fan_parent_get(h, c, 5, 60 + k, what) && upipe_free(h, c) == 0 &&
                  fan_freed(h, c, 1, what, "freed") && fan_clean(h, what);
             upipe_handle_unref(h);
         }
