@@ -220,3 +220,20 @@ async def array_collect(proc: Processor) -> None:
         # saw, and the frame it was on goes to its sibling.
         write_report(proc, {"seen": seen, "bad": bad})
     write_report(proc, {"seen": seen, "bad": bad})
+
+
+async def slow_frame_copy(proc: Processor) -> None:
+    """Emits a copy of every frame into a fresh zero-copy buffer, slowly."""
+    async for x in proc:
+        out = proc.alloc_array(x.shape, x.dtype)
+        out[:] = x
+        del x
+        await asyncio.sleep(proc.config.get("delay", 0.005))
+        await proc.emit_sync(out)
+
+
+async def count_frames(proc: Processor) -> None:
+    n = 0
+    async for _ in proc:
+        n += 1
+    write_report(proc, {"frames": n})

@@ -21,7 +21,7 @@ import pipe_workers as pw
 import pytest
 import take_workers as tw
 
-from upipe import Closed, Full, Pipe, Processor, Queue
+from upipe import Closed, Full, NotOwner, Pipe, Processor, Queue
 from upipe.queue import fan_out, fan_out_async, ring_group, ring_queue
 
 SPAWN = mp.get_context("spawn")
@@ -71,7 +71,7 @@ def test_one_chunk_for_every_downstream(no_leaks: None) -> None:
         detach_all(qs)
 
 
-def test_an_alloc_buffer_is_fanned_out_in_place(no_leaks: None) -> None:
+def test_an_alloc_buffer_is_fanned_out_in_place_and_moves(no_leaks: None) -> None:
     qs = group(2)
     try:
         total = total_chunks(qs[0])
@@ -81,10 +81,11 @@ def test_an_alloc_buffer_is_fanned_out_in_place(no_leaks: None) -> None:
         a, b = qs[0].get(timeout=5), qs[1].get(timeout=5)
         assert address(a) == address(b) == address(buf)
         assert float(a.sum()) == float(b.sum()) == 1.5 * 4096
+        with pytest.raises(NotOwner):
+            qs[0].put(buf)  # it moved into the rings, as a put moves it
         del a, b
-        assert free_chunks(qs[0]) == total - 1, "the producer's buffer still holds it"
+        assert free_chunks(qs[0]) == total, "moved: the producer's views hold nothing"
         del buf
-        assert free_chunks(qs[0]) == total
     finally:
         detach_all(qs)
 
@@ -153,14 +154,67 @@ def test_fan_out_async_and_a_closed_ring(no_leaks: None) -> None:
         detach_all(qs)
 
 
-def test_a_fan_out_needs_one_group() -> None:
+def test_fan_out_to_queues_of_several_segments_copies_per_segment(no_leaks: None) -> None:
     a, b = Queue(maxsize=4), Queue(maxsize=4)
     try:
-        with pytest.raises(ValueError, match="ring group"):
-            fan_out([a, b], b"x")
+        big = np.arange(4096, dtype=np.int64)
+        fan_out([a, b], big)
+        fan_out([a, b], b"x")
+        x, y = a.get_nowait(), b.get_nowait()
+        assert np.array_equal(x, big) and np.array_equal(y, big)
+        assert address(x) != address(y), "two segments: one chunk each"
+        assert a.get_nowait() == b.get_nowait() == b"x"
+        with pytest.raises(ValueError, match="at least one"):
+            fan_out([], b"x")
     finally:
         a.detach()
         b.detach()
+
+
+def test_fan_out_refuses_a_spent_buffer_and_a_bad_timeout(no_leaks: None) -> None:
+    qs = group(2)
+    try:
+        total = total_chunks(qs[0])
+        buf = qs[0].alloc_array(4096, np.int64)
+        with pytest.raises(ValueError, match="timeout"):
+            fan_out(qs, buf, timeout=-1)
+        qs[0].put(buf)  # the buffer is still ours after the refused call: put moves it
+        with pytest.raises(NotOwner):
+            fan_out(qs, buf)  # spent: not a silent copy of a chunk that is not ours
+        del buf
+        qs[0].get_nowait()
+        assert free_chunks(qs[0]) == total
+    finally:
+        detach_all(qs)
+
+
+def test_fan_out_with_every_ring_closed_and_no_chunk_raises_closed(no_leaks: None) -> None:
+    qs = ring_group([{"maxsize": 4, "max_bytes": 1 << 20}] * 2)
+    try:
+        held = []
+        while True:  # take every 1 MiB-class chunk... of the largest class the frame needs
+            try:
+                held.append(qs[0].alloc(200_000, block=False))
+            except Full:
+                break
+        for q in qs:
+            q.close()
+        with pytest.raises(Closed):
+            fan_out(qs, np.zeros(200_000 // 8), timeout=5)
+        held.clear()
+    finally:
+        detach_all(qs)
+
+
+def test_ring_group_checks_each_member_like_queue() -> None:
+    for bad, match in [({"maxsize": 0}, "maxsize"), ({"maxsize": True}, "maxsize"),
+                       ({"max_bytes": 0}, "max_bytes"),
+                       ({"max_bytes": 1000, "max_message_size": 2000}, "larger than"),
+                       ({"maxsize": 1 << 31}, "at most")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            ring_group([{"maxsize": 4}, bad])
+    with pytest.raises(TypeError, match="dict of Queue options"):
+        ring_group(["abc"])  # type: ignore[list-item]
 
 
 @pytest.mark.timeout(60)
@@ -329,3 +383,46 @@ def test_sigkilled_fan_out_consumers_lose_nothing_and_leak_no_chunk(tmp_path: Pa
     assert by_name["b"] == set(range(n)) and counts["b"] == n, "b saw every frame once"
     assert by_name["a"] == set(range(n)), "a saw every frame despite the kills"
     assert free == total, f"{total - free} chunks still held after the pipe finished"
+
+
+def test_no_group_member_is_downstream_of_another(no_leaks: None) -> None:
+    """A -> B, A -> C, B -> C: B's output is C's input. In one segment, frames waiting for a
+    slow B could hold every chunk of the pool while B waits for a chunk to emit into C: a
+    deadlock. So B and C get segments of their own (and A's fan-out one chunk per segment)."""
+    pipe = Pipe("diamond-groups")
+    a = pipe.add(Processor("a", func=pw.frame_source, config={"count": 1}))
+    b = a.add(Processor("b", func=pw.slow_frame_copy))
+    c = a.add(Processor("c", func=pw.count_frames, config={"report": os.devnull}))
+    b.add(c)
+    d = a.add(Processor("d", func=pw.count_frames, config={"report": os.devnull}))
+    pipe._build()
+    groups = [sorted(n.name for n in g) for g in pipe._fan_out_groups()]
+    assert sorted(x for g in groups for x in g) == ["a", "b", "c", "d"]
+    assert ["a"] in groups
+    assert not any({"b", "c"} <= set(g) for g in groups), "c is downstream of b"
+    assert any(len(g) == 2 and "d" in g for g in groups), "d shares with b or c"
+    del d
+
+
+@pytest.mark.timeout(120)
+def test_a_diamond_with_a_slow_branch_and_small_pools_completes(tmp_path: Path,
+                                                                 no_leaks: None) -> None:
+    report = str(tmp_path / "r")
+    n = 60
+    # 4 chunks of 1 MiB per input, 8 frames per queue. Grouped, b's and c's inputs would have
+    # 8 chunks between them, all held by frames waiting for b, while b waits for one to emit
+    # into c: this pipe hung before the groups were split (and does, forced into one group).
+    opts = {"max_bytes": 12 << 20, "max_message_size": 1 << 20, "queue_size": 8}
+
+    async def main() -> None:
+        pipe = Pipe("diamond-small-pools")
+        a = pipe.add(Processor("a", func=pw.frame_source, config={"count": n}, **opts))
+        b = a.add(Processor("b", func=pw.slow_frame_copy, config={"delay": 0.005}, **opts))
+        c = a.add(Processor("c", func=pw.count_frames, config={"report": report}, **opts))
+        b.add(c)
+        await pipe.start()
+        await asyncio.wait_for(pipe.wait_for_completion(), 90)
+
+    run(main())
+    (r,) = pw.read_reports(report + ".c")
+    assert r["frames"] == 2 * n, "c got every frame from a and from b"

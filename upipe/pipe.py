@@ -328,38 +328,61 @@ class Pipe:
     def _create_queues(self) -> None:
         """The processors' inputs and the pipe's output. Inputs that receive the same frames
         (the downstreams of one processor, or the roots, which pipe.emit feeds together) are
-        rings of one segment, so a fanned-out frame is one chunk for all of them."""
-        output = object()  # the pipe's output queue, a member like the inputs
-        parent: dict[int, int] = {}  # union-find over id(member)
+        rings of one segment where that is safe (see _fan_out_groups), so a fanned-out frame is
+        one chunk for all of them."""
+        for members in self._fan_out_groups():
+            opts = [m.proc.queue_options for m in members]
+            queues = [Queue(**opts[0])] if len(members) == 1 else ring_group(opts)
+            for m, q in zip(members, queues, strict=True):
+                m.input = q
+        self._output = Queue(maxsize=self.output_size)
 
-        def find(x: int) -> int:
-            while parent.setdefault(x, x) != x:
+    def _fan_out_groups(self) -> list[list[_Node]]:
+        """Processors whose inputs share a segment: those fed by a common upstream (or all
+        roots), chained through shared upstreams, then split so that no member is downstream of
+        another. A segment has one chunk pool: if a member's own output (or anything after it)
+        drew on the pool that the frames waiting for that member fill up, the pipe could
+        deadlock (the member waits for a chunk that only its own progress would free). With no
+        member downstream of another, nothing a member waits on needs the group's pool."""
+        nodes = list(self._nodes.values())
+        parent: dict[str, str] = {n.name: n.name for n in nodes}  # union-find by name
+
+        def find(x: str) -> str:
+            while parent[x] != x:
                 x = parent[x]
             return x
 
-        def union(members: list[Any]) -> None:
+        def union(members: list[_Node]) -> None:
             for m in members[1:]:
-                parent[find(id(m))] = find(id(members[0]))
+                parent[find(m.name)] = find(members[0].name)
 
-        nodes = list(self._nodes.values())
         union([n for n in nodes if n.is_root])
         for n in nodes:
-            union(list(n.downstream) or [output])
-        groups: dict[int, list[Any]] = {}
-        for member in [*nodes, output]:
-            groups.setdefault(find(id(member)), []).append(member)
-        for members in groups.values():
-            opts = [{"maxsize": self.output_size} if m is output else m.proc.queue_options
-                    for m in members]
-            if len(members) == 1:
-                queues = [Queue(**opts[0])]
-            else:
-                queues = ring_group(opts)
-            for m, q in zip(members, queues, strict=True):
-                if m is output:
-                    self._output = q
+            union(n.downstream)
+        after: dict[str, set[str]] = {}  # every processor downstream of each one
+
+        def below(n: _Node) -> set[str]:
+            if n.name not in after:
+                after[n.name] = set()  # the graph is a DAG (checked in _build)
+                for d in n.downstream:
+                    after[n.name] |= {d.name} | below(d)
+            return after[n.name]
+
+        candidates: dict[str, list[_Node]] = {}
+        for n in nodes:
+            candidates.setdefault(find(n.name), []).append(n)
+        groups: list[list[_Node]] = []
+        for members in candidates.values():
+            split: list[list[_Node]] = []  # antichains, first fit
+            for m in members:
+                for g in split:
+                    if all(m.name not in below(o) and o.name not in below(m) for o in g):
+                        g.append(m)
+                        break
                 else:
-                    m.input = q
+                    split.append([m])
+            groups += split
+        return groups
 
     def _open_control(self) -> None:
         assert self._loop is not None
@@ -661,7 +684,11 @@ class Pipe:
 
     def _repair(self) -> None:
         """A worker died: hand back what it held and count what it had taken unfinished."""
+        seen: set[int] = set()
         for q in self._queues():
+            if id(q._seg) in seen:
+                continue  # another ring of a segment recovered already
+            seen.add(id(q._seg))
             with contextlib.suppress(UpipeError):
                 q.recover()
 
@@ -1059,9 +1086,12 @@ class Pipe:
                 "finished": node.finished, **totals, "workers": workers,
             }
             if node.input is not None:
-                st = node.input.statistics()
-                entry.update(queued=st.qsize, capacity=st.maxsize,
-                             lost_frames=st.lost_items)  # (lost_items counts leases too)
+                q = node.input
+                st = q.statistics()
+                lost = st.lost_items  # (lost_items counts leases too, segment-wide: in a fan-out
+                if q._seg.config.nrings > 1 and q._ring != 0:  # group, counted on ring 0 only)
+                    lost -= st.lost_leases
+                entry.update(queued=st.qsize, capacity=st.maxsize, lost_frames=lost)
             procs[name] = entry
         return PipeStatistics(procs, self._discarded)
 

@@ -205,7 +205,8 @@ class Processor:
     :param restarts: how many times a worker that dies (killed, crashed) is replaced before the
         pipe fails. A worker that raises is never restarted: the pipe fails with its traceback.
     :param queue_size: the input queue's ``maxsize`` (frames).
-    :param max_bytes: the input queue's chunk memory (see :class:`~upipe.Queue`).
+    :param max_bytes: the input queue's chunk memory (see :class:`~upipe.Queue`); processors
+        fed by a common upstream pool theirs (one chunk per fanned-out frame).
     :param max_message_size: the largest frame the input queue takes.
     """
 
@@ -804,6 +805,9 @@ class Processor:
         self._ack_held()
         self._stopping = self._leaving = True
         self._emit1 = None
+        # The take buffer holds a reference to its segment's attachment: let go of it too, or
+        # the process would stay in the segment's table after detach.
+        self._tbuf = self._tview = self._take_next = None
         for q in ([self._input] if self._input else []) + self._outputs:
             q.detach()
         self._input, self._outputs = None, []

@@ -137,6 +137,32 @@ def _check_timeout(timeout: float | None) -> float | None:
     return float(timeout)
 
 
+def _check_options(maxsize: Any, max_bytes: Any, max_message_size: Any, slot_size: Any,
+                   spin: Any) -> None:
+    """Queue()'s argument checks (ring_group's members get the same ones)."""
+    if isinstance(maxsize, int) and not isinstance(maxsize, bool) and maxsize <= 0:
+        raise ValueError(
+            f"maxsize must be >= 1, got {maxsize}: a upipe Queue is bounded because its "
+            "shared memory is reserved up front (queue.Queue's maxsize=0 means unbounded)"
+        )
+    _check_positive_int("maxsize", maxsize)
+    _check_positive_int("max_bytes", max_bytes)
+    _check_positive_int("slot_size", slot_size)
+    if slot_size < 64 or slot_size > 65536 or slot_size % 8:
+        raise ValueError(f"slot_size must be a multiple of 8 in [64, 65536], got {slot_size}")
+    if max_message_size is not None:
+        _check_positive_int("max_message_size", max_message_size)
+        if max_message_size > max_bytes:
+            raise ValueError(
+                f"max_message_size={max_message_size} is larger than max_bytes={max_bytes}: "
+                "raise max_bytes"
+            )
+    if not isinstance(spin, (int, float)) or isinstance(spin, bool) or not spin >= 0:
+        raise ValueError(f"spin must be a number of seconds >= 0, got {spin!r}")
+    if maxsize > 1 << 30:
+        raise ValueError(f"maxsize must be at most {1 << 30}, got {maxsize}")
+
+
 def _check_memory(needed: int, maxsize: int, slot_size: int, max_bytes: int) -> None:
     """Refuse a segment larger than the memory available now: reserving it would wake the
     kernel's OOM killer (which picks a victim, maybe not us) instead of failing cleanly."""
@@ -226,8 +252,10 @@ class _PendingPut:
                 "(and max_bytes to hold it)"
             )
         lease = q._seg.lease_for(obj)
-        if (lease is not None and not lease.shared and len(enc.parts) == 1
-                and q._seg.starts_chunk(enc.parts[0], lease)):
+        if (lease is not None and len(enc.parts) == 1
+                and q._seg.starts_chunk(enc.parts[0], lease)
+                and (not lease.shared or not Segment.lease_is_held(lease))):
+            # (a shared chunk still held is a fan-out's frame: it is copied, never moved)
             if not Segment.lease_is_held(lease):
                 raise NotOwner(
                     "this buffer's chunk was already put or released (a put moves a "
@@ -334,6 +362,7 @@ class _FanOut:
         self.closed = 0
         self.chunk = -1
         self.own_chunk = False  # allocated here for a copy: our hold goes when we are done
+        self.sent = False  # some ring has the chunk
         self.lease: Lease | None = None
         self.enc = enc = codec.encode(obj, seg.inline_max)
         self.inline = enc.nbytes + len(enc.meta) <= seg.inline_max
@@ -344,12 +373,19 @@ class _FanOut:
                 f"item of {enc.nbytes} bytes is larger than the queues' max_message_size of "
                 f"{first._max_message_size} bytes"
             )
-        lease = seg.lease_for(obj)
-        if (lease is not None and not lease.shared and len(enc.parts) == 1
-                and seg.starts_chunk(enc.parts[0], lease) and seg.begin_move(lease)):
-            self.lease = lease  # a buffer from alloc(): it is the chunk (no copy at all)
-            self.chunk = lease.chunk
         self.klass = seg.class_for(enc.nbytes)
+        lease = seg.lease_for(obj)
+        if (lease is not None and len(enc.parts) == 1 and seg.starts_chunk(enc.parts[0], lease)
+                and (not lease.shared or not Segment.lease_is_held(lease))):
+            # A buffer from alloc(): it is the chunk (no copy at all), as long as it is ours
+            # (a shared chunk still held, a fan-out's frame, is copied instead).
+            if not seg.begin_move(lease):
+                raise NotOwner(
+                    "this buffer's chunk was already put or released (a put moves a "
+                    "zero-copy buffer into the queue): put a copy instead, e.g. arr.copy()"
+                )
+            self.lease = lease
+            self.chunk = lease.chunk
 
     def attempt(self) -> tuple[int, int] | None:
         """Try once for every ring still to do: None when all have it, else (what, arg) to wait
@@ -370,6 +406,10 @@ class _FanOut:
             if self.chunk < 0:
                 chunk = seg.alloc(enc.nbytes)
                 if chunk < 0:
+                    if all(seg.is_closed(r) for r in _bits(self.todo)):
+                        self.closed |= self.todo  # nothing left that would take it
+                        self.todo = 0
+                        raise Closed("put on a closed queue")
                     if chunk in (-ENOBUFS, -EAGAIN):
                         return (WAIT_CHUNK, self.klass)
                     raise UpipeError(f"alloc failed: {os.strerror(-chunk)}")
@@ -389,9 +429,8 @@ class _FanOut:
             if rc < 0:
                 raise UpipeError(f"fan-out put failed: {os.strerror(-rc)}")
             if self.lease is not None:
-                # Shared from now on: the sharing is one reference of this process (the core
-                # counts them), which the buffer's views keep.
-                self.lease.shared = True
+                self.lease.shared = True  # shared from now on: never moved by a put again
+            self.sent |= done != 0
             self.todo &= ~(done | closed)
             self.closed |= closed
         if self.todo:
@@ -402,10 +441,14 @@ class _FanOut:
         return None
 
     def finish(self) -> None:
-        """Let go of our own hold on the chunk (the rings keep theirs); a buffer from alloc()
-        keeps it for as long as its views live, and is shared (read-only) from now on."""
+        """Let go of our own hold on the chunk (the rings keep theirs). A buffer from alloc()
+        that went into a ring moved there, as a put moves it: our reference goes now (not when
+        its views die: a producer allocating its next buffer while the last one is still bound
+        to its variable must not hold two), and its views must not be written again."""
         if self.lease is not None:
-            self.seg.end_move(self.lease, moved=False)
+            self.seg.end_move(self.lease, moved=self.sent)
+            if self.sent:
+                self.seg.free_chunk(self.chunk)  # the sharing's reference (the lease's no more)
             self.lease = None
         elif self.own_chunk:  # our copy: its reference (shared or not) goes now
             self.seg.free_chunk(self.chunk)
@@ -448,15 +491,48 @@ def _bits(mask: int) -> list[int]:
     return [i for i in range(mask.bit_length()) if mask >> i & 1]
 
 
+def _by_segment(queues: Sequence[Queue]) -> list[list[Queue]]:
+    """The queues grouped by the segment they are rings of (in order of first appearance)."""
+    if not queues:
+        raise ValueError("fan-out to no queue at all: give at least one")
+    groups: dict[int, list[Queue]] = {}
+    for q in queues:
+        groups.setdefault(id(q._seg), []).append(q)
+    return list(groups.values())
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def fan_out(queues: Sequence[Queue], obj: Any, timeout: float | None = None) -> None:
-    """Put obj into every queue of a ring group, waiting for room (up to ``timeout``): one
-    chunk for all of them, not a copy each. Raises Full, or Closed once the open ones have it."""
-    _FanOut(queues, obj).block(_check_timeout(timeout))
+    """Put obj into every queue, waiting for room (up to ``timeout`` in all). The queues that
+    are rings of one segment (a :func:`ring_group`) get one chunk for all of them, not a copy
+    each; other segments get a copy each. Raises Full, or Closed once the open ones have it."""
+    timeout = _check_timeout(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    closed = None
+    for group in _by_segment(queues):
+        try:
+            _FanOut(group, obj).block(_remaining(deadline))
+        except Closed as exc:
+            closed = exc  # the others still get it
+    if closed is not None:
+        raise closed
 
 
 async def fan_out_async(queues: Sequence[Queue], obj: Any, timeout: float | None = None) -> None:
     """:func:`fan_out` on the event loop."""
-    await _FanOut(queues, obj).wait(_check_timeout(timeout))
+    timeout = _check_timeout(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    closed = None
+    for group in _by_segment(queues):
+        try:
+            await _FanOut(group, obj).wait(_remaining(deadline))
+        except Closed as exc:
+            closed = exc
+    if closed is not None:
+        raise closed
 
 
 class Queue:
@@ -483,27 +559,7 @@ class Queue:
         slot_size: int = DEFAULT_SLOT_SIZE,
         spin: float = DEFAULT_SPIN,
     ) -> None:
-        if isinstance(maxsize, int) and not isinstance(maxsize, bool) and maxsize <= 0:
-            raise ValueError(
-                f"maxsize must be >= 1, got {maxsize}: a upipe Queue is bounded because its "
-                "shared memory is reserved up front (queue.Queue's maxsize=0 means unbounded)"
-            )
-        _check_positive_int("maxsize", maxsize)
-        _check_positive_int("max_bytes", max_bytes)
-        _check_positive_int("slot_size", slot_size)
-        if slot_size < 64 or slot_size > 65536 or slot_size % 8:
-            raise ValueError(f"slot_size must be a multiple of 8 in [64, 65536], got {slot_size}")
-        if max_message_size is not None:
-            _check_positive_int("max_message_size", max_message_size)
-            if max_message_size > max_bytes:
-                raise ValueError(
-                    f"max_message_size={max_message_size} is larger than max_bytes={max_bytes}: "
-                    "raise max_bytes"
-                )
-        if not isinstance(spin, (int, float)) or isinstance(spin, bool) or not spin >= 0:
-            raise ValueError(f"spin must be a number of seconds >= 0, got {spin!r}")
-        if maxsize > 1 << 30:
-            raise ValueError(f"maxsize must be at most {1 << 30}, got {maxsize}")
+        _check_options(maxsize, max_bytes, max_message_size, slot_size, spin)
         sizes, counts = plan_chunks(max_bytes, max_message_size, chunk_sizes)
         config = SegmentConfig(_capacity_for(maxsize), maxsize, slot_size, sizes, counts)
         _check_memory(segment_size(config), maxsize, slot_size, max_bytes)
@@ -1239,12 +1295,15 @@ def ring_group(options: Sequence[Mapping[str, Any]]) -> list[Queue]:
     if not 1 <= len(options) <= MAX_RINGS:
         raise ValueError(f"a ring group has 1 to {MAX_RINGS} queues, got {len(options)}")
     for opts in options:  # each as valid as a Queue of its own (same errors, same messages)
+        if not isinstance(opts, Mapping):
+            raise TypeError(f"ring_group: each member is a dict of Queue options, got {opts!r}")
         unknown = set(opts) - {"maxsize", "max_bytes", "max_message_size"}
         if unknown:
             raise TypeError(f"ring_group: unknown queue options {sorted(unknown)}")
+        _check_options(opts.get("maxsize", DEFAULT_MAXSIZE),
+                       opts.get("max_bytes", DEFAULT_MAX_BYTES), opts.get("max_message_size"),
+                       DEFAULT_SLOT_SIZE, DEFAULT_SPIN)
     maxsizes = [int(o.get("maxsize", DEFAULT_MAXSIZE)) for o in options]
-    for m in maxsizes:
-        _check_positive_int("maxsize", m)
     max_bytes = sum(int(o.get("max_bytes", DEFAULT_MAX_BYTES)) for o in options)
     messages = [int(o["max_message_size"]) for o in options
                 if o.get("max_message_size") is not None]

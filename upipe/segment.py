@@ -3,15 +3,18 @@
 Facts this module depends on:
 
 * The segment is an anonymous ``memfd`` (no name in ``/dev/shm``, so nothing can leak there); it
-  lives while any process maps it or holds its fd. Two eventfds travel with it: "data" (rung when
-  an item is published and an async consumer waits) and "space" (a slot or a chunk was freed and
-  an async producer waits). Eventfds are per-process fds, not shared memory: they reach another
-  process only by inheritance or fd passing, exactly like the memfd.
+  lives while any process maps it or holds its fd. Two eventfds per data ring travel with it:
+  "data" (rung when an item is published and an async consumer waits) and "space" (a slot was
+  freed and an async producer waits; ring 0's also for a freed chunk). Eventfds are per-process
+  fds, not shared memory: they reach another process only by inheritance or fd passing,
+  exactly like the memfd.
 * The C handle is reference counted. The :class:`Segment` holds one reference and every zero-copy
   view holds one more (through its lease), so the mapping outlives every view: a view used after
   ``release()`` reads recycled bytes, never unmapped memory.
-* A chunk has exactly one holder. ``put`` of a leased chunk moves it to the queue; the lease is
-  then spent and its views must not be written (they may be reused by the consumer's pool).
+* A chunk has exactly one holder, except a fan-out's (``put_shared``), which its holders share
+  (read-only) and the core frees with the last. ``put`` of a leased chunk moves it to the queue;
+  the lease is then spent and its views must not be written (they may be reused by the
+  consumer's pool).
 * After ``fork()`` the child must not use the parent's process-table entry: every live segment
   re-attaches in the child (``os.register_at_fork``), and leases do not cross the fork.
 
