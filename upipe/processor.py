@@ -492,7 +492,7 @@ class Processor:
         held = self._held
         if held is not None:  # a Receipt, from a take that waited
             self._held = None
-            q.ack(held)
+            q._ack_token(held._token)  # (-ESTALE, moved away by recovery, as the fast path)
         buf = self._tbuf
         n = self._take_next(buf)  # one C call: ack the fast path's frame in hand, take the next
         if n >= 0:
