@@ -1098,6 +1098,21 @@ int64_t upipe_put_many(upipe_handle *h, uint32_t ring, const char *data, const u
     return closed ? -EPIPE : (int64_t)k;
 }
 
+/* Fill claimed slot p with a chunk item's descriptor and meta (not stamped, not published). */
+static struct upipe_slot *write_chunk_slot(struct upipe_ring *r, uint64_t p, uint32_t chunk,
+                                           uint32_t len, uint16_t kind, const char *meta,
+                                           uint16_t meta_len)
+{
+    struct upipe_slot *s = upipe_ring_slot(r, p);
+    UPIPE_SLOT_SET(s, desc, (uint64_t)chunk + 1);
+    s->len = len;
+    UPIPE_SLOT_SET(s, kind, kind);
+    UPIPE_SLOT_SET(s, meta_len, meta_len);
+    if (meta_len)
+        memcpy(s->data, meta, meta_len);
+    return s;
+}
+
 int64_t upipe_put_chunk(upipe_handle *h, uint32_t ring, uint32_t chunk, uint32_t len,
                         uint16_t kind, const char *meta, uint16_t meta_len)
 {
@@ -1127,13 +1142,7 @@ int64_t upipe_put_chunk(upipe_handle *h, uint32_t ring, uint32_t chunk, uint32_t
         ec_signal(h, &r->not_empty);
         return -EPIPE; /* the chunk stays with the caller */
     }
-    struct upipe_slot *s = upipe_ring_slot(r, p);
-    UPIPE_SLOT_SET(s, desc, (uint64_t)chunk + 1);
-    s->len = len;
-    UPIPE_SLOT_SET(s, kind, kind);
-    UPIPE_SLOT_SET(s, meta_len, meta_len);
-    if (meta_len)
-        memcpy(s->data, meta, meta_len);
+    struct upipe_slot *s = write_chunk_slot(r, p, chunk, len, kind, meta, meta_len);
     UPIPE_STORE_RELEASE(&s->stamp, p);                  /* R2: the put is complete */
     UPIPE_STORE_RELEASE(&ch->owner, UPIPE_OWNER_QUEUED); /* the slot holds it now */
     UPIPE_STORE_RELEASE(&s->seq, p + 1);                /* R0 */
@@ -1196,13 +1205,7 @@ static int put_shared(upipe_handle *h, uint64_t rings, uint32_t chunk, uint32_t 
             *closed_out |= bit;
             continue;
         }
-        struct upipe_slot *s = upipe_ring_slot(r, p);
-        UPIPE_SLOT_SET(s, desc, (uint64_t)chunk + 1);
-        s->len = len;
-        UPIPE_SLOT_SET(s, kind, kind);
-        UPIPE_SLOT_SET(s, meta_len, meta_len);
-        if (meta_len)
-            memcpy(s->data, meta, meta_len);
+        struct upipe_slot *s = write_chunk_slot(r, p, chunk, len, kind, meta, meta_len);
         UPIPE_STORE_RELEASE(&s->stamp, p); /* R2: the put is complete */
         if (cut == CUT_PUT_STAMPED)
             return 1;

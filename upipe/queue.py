@@ -231,6 +231,25 @@ def plan_chunks(
     return tuple(rounded), tuple(counts)
 
 
+_SPENT = ("this buffer's chunk was already put or released (a put moves a zero-copy buffer "
+          "into the queue): put a copy instead, e.g. arr.copy()")
+
+
+def _movable_lease(seg: Segment, obj: Any, enc: codec.Encoded) -> Lease | None:
+    """The lease of obj if a put would move it (a zero-copy buffer of this segment, whole, from
+    its chunk's first byte), None if a put copies it. A shared chunk still held (a fan-out's
+    frame) is copied, never moved. Raises NotOwner for a buffer already put or released."""
+    lease = seg.lease_for(obj)
+    if lease is None or len(enc.parts) != 1 or not seg.starts_chunk(enc.parts[0], lease):
+        return None
+    held = Segment.lease_is_held(lease)
+    if lease.shared and held:
+        return None
+    if not held:
+        raise NotOwner(_SPENT)
+    return lease
+
+
 class _PendingPut:
     """One item on its way in: encoded once, then tried until it fits (no re-encode, no re-copy)."""
 
@@ -251,16 +270,8 @@ class _PendingPut:
                 f"{q._max_message_size} bytes: create the Queue with a larger max_message_size "
                 "(and max_bytes to hold it)"
             )
-        lease = q._seg.lease_for(obj)
-        if (lease is not None and len(enc.parts) == 1
-                and q._seg.starts_chunk(enc.parts[0], lease)
-                and (not lease.shared or not Segment.lease_is_held(lease))):
-            # (a shared chunk still held is a fan-out's frame: it is copied, never moved)
-            if not Segment.lease_is_held(lease):
-                raise NotOwner(
-                    "this buffer's chunk was already put or released (a put moves a "
-                    "zero-copy buffer into the queue): put a copy instead, e.g. arr.copy()"
-                )
+        lease = _movable_lease(q._seg, obj, enc)
+        if lease is not None:
             self.lease = lease
             self.chunk = lease.chunk
             return
@@ -297,10 +308,7 @@ class _PendingPut:
         lease = self.lease
         if lease is not None and not seg.begin_move(lease):
             self.chunk = -1
-            raise NotOwner(
-                "this buffer's chunk was already put or released (a put moves a zero-copy "
-                "buffer into the queue): put a copy instead, e.g. arr.copy()"
-            )
+            raise NotOwner(_SPENT)
         rc = seg.put_chunk(self.chunk, enc.nbytes, enc.kind, enc.meta, q._ring)
         if lease is not None:
             seg.end_move(lease, moved=rc == 0)
@@ -374,16 +382,10 @@ class _FanOut:
                 f"{first._max_message_size} bytes"
             )
         self.klass = seg.class_for(enc.nbytes)
-        lease = seg.lease_for(obj)
-        if (lease is not None and len(enc.parts) == 1 and seg.starts_chunk(enc.parts[0], lease)
-                and (not lease.shared or not Segment.lease_is_held(lease))):
-            # A buffer from alloc(): it is the chunk (no copy at all), as long as it is ours
-            # (a shared chunk still held, a fan-out's frame, is copied instead).
-            if not seg.begin_move(lease):
-                raise NotOwner(
-                    "this buffer's chunk was already put or released (a put moves a "
-                    "zero-copy buffer into the queue): put a copy instead, e.g. arr.copy()"
-                )
+        lease = _movable_lease(seg, obj, enc)
+        if lease is not None:  # a buffer from alloc(): it is the chunk (no copy at all)
+            if not seg.begin_move(lease):  # another thread's put took it meanwhile
+                raise NotOwner(_SPENT)
             self.lease = lease
             self.chunk = lease.chunk
 
