@@ -125,7 +125,9 @@ def test_status_json_against_a_live_pipe(no_leaks: None) -> None:
     assert procs["sink"]["frames_in"] > before.processors["sink"]["frames_in"]
     assert procs["sink"]["in_per_s"] > 0 and procs["src"]["out_per_s"] > 0
     assert procs["src"]["mb_per_s"] > 0  # 256-byte frames
-    assert procs["src"]["frames_out"] == procs["src"]["bytes_out"] // 256
+    # Two counters, bumped one after the other by the worker and read by the snapshot while it
+    # runs: bytes_out may be one frame behind frames_out, never more.
+    assert 0 <= procs["src"]["frames_out"] - procs["src"]["bytes_out"] // 256 <= 1
 
     assert text.returncode == 0, text.stderr
     lines = text.stdout.splitlines()
