@@ -35,8 +35,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import codec, control, stats
-from .errors import Closed, Empty, Full, TooManyTakes, UpipeError
+from . import control, stats
+from .errors import Closed, Empty, Full, UpipeError
 from .queue import _NOTHING, Queue, attach_fds, fan_out, fan_out_async
 from .segment import Segment
 
@@ -497,32 +497,17 @@ class Processor:
         n = self._take_next(buf)  # one C call: ack the fast path's frame in hand, take the next
         if n >= 0:
             return self._tview[48:48 + n]  # Segment.TAKE_DATA: plain bytes, the common case
-        if n == -errno.EBADMSG:
-            return self._decode_taken(q, buf)
-        if n == -errno.ENOENT or n == -errno.EAGAIN:
-            return _NOTHING
-        if n == -errno.EPIPE:
-            raise Closed("the input is closed and drained")
-        if n == -errno.EDQUOT:
-            raise TooManyTakes(f"processor {self.name!r}: too many unacked takes")
+        if n == -errno.EBADMSG:  # taken, but not plain bytes (a chunk, an array, an object)
+            _rc, kind, meta, payload = q._seg.taken_item(int(buf.item), buf)
+            try:
+                return q._decode_taken(kind, meta, payload, int(buf.held))
+            except BaseException:
+                buf.held = 0  # acked or given back already
+                raise
         if n == -errno.ENOTRECOVERABLE:
             raise UpipeError(f"processor {self.name!r}: the ack of the frame in hand failed")
-        raise UpipeError(f"take failed: {os.strerror(-n)}")
-
-    @staticmethod
-    def _decode_taken(q: Queue, buf: Any) -> Any:
-        """A frame the fast path took that is not plain bytes (a chunk, an array, an object)."""
-        _rc, kind, meta, payload = q._seg.taken_item(int(buf.item), buf)
-        try:
-            return codec.decode(kind, meta, payload)
-        except Exception:  # it cannot be decoded here: consumed, as get() would have
-            token, buf.held = int(buf.held), 0
-            q._ack_token(token)
-            raise
-        except BaseException:  # interrupted (Ctrl-C): give it back
-            token, buf.held = int(buf.held), 0
-            q._seg.nack(token)
-            raise
+        q._take_failed(n)
+        return _NOTHING
 
     @staticmethod
     def _ack(q: Queue, held: Any) -> None:

@@ -819,23 +819,34 @@ class Queue:
         else:
             tbufs.append((buf, view))
         if rc < 0:
-            if rc == -EPIPE:
-                raise Closed("the queue is closed and drained")
-            if rc == -EDQUOT:
-                raise TooManyTakes(
-                    f"this process holds {MAX_HOLDS} unacked takes of this queue: ack() some "
-                    "before taking more"
-                )
-            if rc not in (-ENOENT, -EAGAIN):
-                raise UpipeError(f"take failed: {os.strerror(-rc)}")
-            return None
+            return self._take_failed(rc)
+        return self._decode_taken(kind, meta, payload, token), token
+
+    @staticmethod
+    def _take_failed(rc: int) -> None:
+        """A take's error: None for "no item yet" (-ENOENT, -EAGAIN), else raised."""
+        if rc == -EPIPE:
+            raise Closed("the queue is closed and drained")
+        if rc == -EDQUOT:
+            raise TooManyTakes(
+                f"this process holds {MAX_HOLDS} unacked takes of this queue: ack() some "
+                "before taking more"
+            )
+        if rc not in (-ENOENT, -EAGAIN):
+            raise UpipeError(f"take failed: {os.strerror(-rc)}")
+        return None
+
+    def _decode_taken(self, kind: int, meta: bytes, payload: Any, token: int) -> Any:
+        """A taken item, decoded. One that cannot be decoded is consumed (acked) as get() would
+        have; an interrupted decode (Ctrl-C) gives the item back. Either way it is no longer
+        held when this raises."""
         try:
-            return codec.decode(kind, meta, payload), token
+            return codec.decode(kind, meta, payload)
         except Exception:
-            self._ack_b(token)  # it cannot be decoded here: consumed, as get() would have
+            self._ack_b(token)
             raise
         except BaseException:
-            self._seg.nack(token)  # interrupted (Ctrl-C): give it back (if no room, detach will)
+            self._seg.nack(token)  # (if there is no room, detach gives it back)
             raise
 
     def _ack_token(self, token: int) -> None:
